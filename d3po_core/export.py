@@ -1,0 +1,138 @@
+"""Export: the adapter for diffusers/peft and for A1111/ComfyUI (kohya), the picks as tables.
+
+Kohya form: ``diffusers.utils.convert_state_dict_to_kohya`` on the peft state dict gives keys
+without the ``lora_unet_`` prefix; with the prefix added, A1111/ComfyUI load the file, and so
+does diffusers' ``load_lora_weights``, reproducing the images exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+from diffusers.utils import convert_state_dict_to_kohya
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from .models import ADAPTER_NAME, LORA_WEIGHT_NAME, lora_settings_of
+from .session import Session
+
+
+def _replace_atomically(write, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def export_diffusers(session: Session, round_id: int, out_dir: str | Path) -> Path:
+    """Copy a round's adapter folder (diffusers LoRA format) to ``out_dir``."""
+    src = session.round_path(round_id)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (LORA_WEIGHT_NAME, "lora_settings.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    return out / LORA_WEIGHT_NAME
+
+
+def kohya_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's adapter in kohya naming: ``lora_unet_<module>.lora_down/lora_up/alpha``."""
+    peft_state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    kohya = convert_state_dict_to_kohya(peft_state)
+    settings = lora_settings_of(unet)
+    out = {}
+    for key, value in kohya.items():
+        name = key if key.startswith("lora_unet_") else f"lora_unet_{key}"
+        out[name] = value.detach().to(torch.float16).contiguous()
+    for key in [k for k in out if k.endswith(".lora_down.weight")]:
+        alpha_key = key.removesuffix(".lora_down.weight") + ".alpha"
+        out.setdefault(alpha_key, torch.tensor(float(settings.alpha), dtype=torch.float16))
+    return out
+
+
+def export_kohya(unet: torch.nn.Module, out_file: str | Path, *, base_model: str = "") -> Path:
+    """Write the UNet's active adapter as one kohya-format safetensors file."""
+    state = kohya_state_dict(unet)
+    settings = lora_settings_of(unet)
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(settings.rank),
+        "ss_network_alpha": str(settings.alpha),
+        "ss_base_model": base_model,
+        "d3po_targets": json.dumps(settings.targets),
+    }
+    return _replace_atomically(
+        lambda tmp: save_file(state, str(tmp), metadata=metadata), Path(out_file)
+    )
+
+
+def picks_table(session: Session) -> pd.DataFrame:
+    """One row a live pick: prompt, image paths, best, worst, labeler, sampled/trained round."""
+    picks = session.picks_df()
+    if picks.empty:
+        return pd.DataFrame(
+            columns=[
+                "pick_id",
+                "grid_id",
+                "prompt",
+                "images",
+                "best",
+                "worst",
+                "best_image",
+                "worst_image",
+                "kind",
+                "labeler",
+                "sampled_round",
+                "trained_round",
+                "created",
+            ]
+        )
+    rounds = session.rounds_df()
+    bounds = sorted(zip(rounds["last_pick_id"], rounds["id"], strict=True)) if len(rounds) else []
+    rows = []
+    for pick in picks.itertuples():
+        grid = session.grid(int(pick.grid_id))
+        paths = [str(Path(p).relative_to(session.root)) for p in grid["image_paths"]]
+        best = None if pd.isna(pick.best) else int(pick.best)
+        worst = None if pd.isna(pick.worst) else int(pick.worst)
+        trained = next((int(r) for last, r in bounds if pick.id <= last), None)
+        rows.append(
+            {
+                "pick_id": int(pick.id),
+                "grid_id": int(pick.grid_id),
+                "prompt": grid["prompt"],
+                "images": paths,
+                "best": best,
+                "worst": worst,
+                "best_image": paths[best] if best is not None else None,
+                "worst_image": paths[worst] if worst is not None else None,
+                "kind": pick.kind,
+                "labeler": pick.labeler,
+                "sampled_round": grid["adapter_round"],
+                "trained_round": trained,
+                "created": pick.created.isoformat(),
+            }
+        )
+    table = pd.DataFrame(rows)
+    for col in ("best", "worst", "sampled_round", "trained_round"):
+        table[col] = table[col].astype("Int64")
+    return table
+
+
+def export_picks(session: Session, out_file: str | Path) -> Path:
+    """Write the picks as parquet (``.parquet``) or JSON lines (``.jsonl``)."""
+    out = Path(out_file)
+    table = picks_table(session)
+    if out.suffix == ".parquet":
+        return _replace_atomically(lambda tmp: table.to_parquet(tmp, index=False), out)
+    if out.suffix == ".jsonl":
+        return _replace_atomically(
+            lambda tmp: table.to_json(tmp, orient="records", lines=True), out
+        )
+    raise ValueError(f"picks export must end in .parquet or .jsonl, not {out.name!r}")

@@ -1,0 +1,261 @@
+"""Load a diffusers pipeline (local folder or hub id), choose device/dtype, attach a LoRA.
+
+One loading path serves everything: ``from_pretrained`` with ``use_safetensors=True``. Whatever
+scheduler a checkpoint names, sampling uses DDIM built from its config, so per-step log-probs
+are defined. The reference policy of a D3PO round is the same UNet with its adapter disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+EMBEDDED_MODEL = Path(__file__).parent / "embedded" / "model"
+ADAPTER_NAME = "d3po"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message is one line a user can act on."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the UNet's attention projections.
+
+    rank: adapter rank; 4 is enough for preference tuning and keeps rounds fast.
+    alpha: scale numerator (effective scale alpha/rank); equal to rank means scale 1.
+    targets: module names inside the UNet that get adapters (attention projections).
+    """
+
+    rank: int = 4
+    alpha: float = 4.0
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            init_lora_weights="gaussian",
+            target_modules=list(self.targets),
+        )
+
+
+def default_model() -> str:
+    """The model used when none is named: the embedded model shipped with the package."""
+    if not (EMBEDDED_MODEL / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"no model given and the embedded model is missing at {EMBEDDED_MODEL}; "
+            "pass --model PATH|ID"
+        )
+    return str(EMBEDDED_MODEL)
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
+
+
+def _check_local_folder(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"model folder not found: {path}")
+    index = path / "model_index.json"
+    if not path.is_dir() or not index.is_file():
+        raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ModelLoadError(f"{index} is not valid JSON: {exc}") from None
+    if class_name not in SUPPORTED_PIPELINES:
+        raise ModelLoadError(
+            f"unsupported pipeline class {class_name!r} in {path} "
+            f"(supported: {', '.join(SUPPORTED_PIPELINES)})"
+        )
+
+
+def load_pipeline(
+    model: str | Path,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion 1.x/2.x pipeline from a local folder or a hub id.
+
+    Weights load only from safetensors. The scheduler is replaced by DDIM built from the
+    checkpoint's own scheduler config (keeping its prediction type, betas and spacing).
+    Raises ModelLoadError with a one-line message on any failure a user can cause.
+    """
+    name = str(model)
+    path = Path(name).expanduser()
+    is_local = path.exists() or not _looks_like_hub_id(name)
+    if is_local:
+        _check_local_folder(path)
+        source = str(path)
+    else:
+        source = name
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            torch_dtype=dtype,
+            use_safetensors=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # diffusers raises many types; turn them into one clear line
+        raise ModelLoadError(_explain_load_failure(name, is_local, exc)) from exc
+    if type(pipe).__name__ not in SUPPORTED_PIPELINES:
+        raise ModelLoadError(f"unsupported pipeline class {type(pipe).__name__!r} for {name}")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    pipe.model_id = name
+    return pipe
+
+
+def _explain_load_failure(name: str, is_local: bool, exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "safetensors" in text.lower() or "use_safetensors" in text:
+        return f"no safetensors weights in {name} (pickled .bin weights are never loaded)"
+    if is_local:
+        return f"could not load the pipeline in {name}: {text}"
+    return (
+        f"cannot load hub model {name!r}: the hub is unreachable or the id is unknown "
+        f"({type(exc).__name__}); pass a local diffusers folder instead"
+    )
+
+
+def add_lora(unet: torch.nn.Module, settings: LoraSettings | None = None) -> LoraSettings:
+    """Attach a trainable LoRA adapter to the UNet (replacing an existing one of ours)."""
+    settings = settings or LoraSettings()
+    if ADAPTER_NAME in getattr(unet, "peft_config", {}):
+        unet.delete_adapters(ADAPTER_NAME)
+    unet.add_adapter(settings.peft_config(), adapter_name=ADAPTER_NAME)
+    unet.set_adapter(ADAPTER_NAME)
+    for name, param in unet.named_parameters():
+        param.requires_grad_("lora_" in name)
+        if "lora_" in name:
+            param.data = param.data.float()
+    return settings
+
+
+def has_lora(unet: torch.nn.Module) -> bool:
+    return ADAPTER_NAME in getattr(unet, "peft_config", {})
+
+
+def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in unet.named_parameters() if "lora_" in n]
+
+
+def lora_settings_of(unet: torch.nn.Module) -> LoraSettings:
+    """The settings of the adapter the UNet carries."""
+    config = unet.peft_config[ADAPTER_NAME]
+    return LoraSettings(
+        rank=config.r, alpha=config.lora_alpha, targets=sorted(config.target_modules)
+    )
+
+
+def save_lora(unet: torch.nn.Module, directory: str | Path) -> Path:
+    """Save the adapter in diffusers' LoRA format (loads with ``pipe.load_lora_weights``)."""
+    settings = lora_settings_of(unet)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    )
+    metadata = settings.peft_config().to_dict()
+    metadata["target_modules"] = list(settings.targets)
+    StableDiffusionPipeline.save_lora_weights(
+        directory,
+        unet_lora_layers=state,
+        safe_serialization=True,
+        unet_lora_adapter_metadata=metadata,
+    )
+    (directory / "lora_settings.json").write_text(json.dumps(asdict(settings)))
+    return directory / LORA_WEIGHT_NAME
+
+
+def read_lora_settings(directory: str | Path) -> LoraSettings:
+    path = Path(directory) / "lora_settings.json"
+    if not path.is_file():
+        return LoraSettings()
+    return LoraSettings(**json.loads(path.read_text()))
+
+
+def load_lora(unet: torch.nn.Module, directory: str | Path) -> LoraSettings:
+    """Load a saved adapter into the UNet as our trainable adapter (active, enabled)."""
+    directory = Path(directory)
+    weights = directory / LORA_WEIGHT_NAME
+    if not weights.is_file():
+        raise ModelLoadError(f"no LoRA weights at {weights}")
+    try:
+        state, _alphas = StableDiffusionPipeline.lora_state_dict(directory)
+    except Exception as exc:
+        raise ModelLoadError(f"corrupt or unreadable LoRA file {weights}: {exc}") from exc
+    settings = read_lora_settings(directory)
+    add_lora(unet, settings)
+    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(
+        unet, convert_unet_state_dict_to_peft(unet_state), adapter_name=ADAPTER_NAME
+    )
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise ModelLoadError(f"LoRA at {directory} does not match this UNet ({missing[0]} ...)")
+    for param in lora_parameters(unet):
+        param.data = param.data.float()
+    return settings
+
+
+def set_lora_enabled(unet: torch.nn.Module, enabled: bool) -> None:
+    """Enable or disable our adapter; disabled means the base UNet (the reference policy)."""
+    if not has_lora(unet):
+        return
+    if enabled:
+        unet.enable_adapters()
+    else:
+        unet.disable_adapters()
+
+
+def remove_lora(unet: torch.nn.Module) -> None:
+    if has_lora(unet):
+        unet.delete_adapters(ADAPTER_NAME)
+
+
+@contextlib.contextmanager
+def base_model(unet: torch.nn.Module) -> Iterator[None]:
+    """Within the block the UNet acts as the base model (our adapter, if any, disabled)."""
+    set_lora_enabled(unet, False)
+    try:
+        yield
+    finally:
+        set_lora_enabled(unet, True)

@@ -1,0 +1,367 @@
+"""DDIM sampling that records each image's denoising trajectory and per-step log-probs.
+
+The step is a function of the scheduler's numbers (not a scheduler subclass):
+
+    x̂0 = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t                 (v-prediction is converted first)
+    σ_t = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev)
+    μ   = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ_t²)·ε̂
+    x_{t−1} ~ N(μ, σ_t² I)
+
+Training evaluates the same two functions (``guided_model_output`` and ``ddim_step``) on the
+stored transitions, so the ratio π_θ/π_ref is that of the policy that drew the images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class SampleSettings:
+    """How a grid is sampled.
+
+    n: images in the grid (2–16), sampled as one batch.
+    steps: DDIM steps; 20 keeps a grid quick and the trajectory short to train on.
+    guidance: classifier-free guidance scale (≤ 1 turns guidance off).
+    eta: DDIM η; must be > 0 for the log-probs D3PO trains on (1.0 = DDPM-like noise).
+    shared_noise: one initial noise x_T for the whole grid (the D3PO authors' setting), so
+        the images differ only by the sampling noise of each step.
+    """
+
+    n: int = 4
+    steps: int = 20
+    guidance: float = 7.5
+    eta: float = 1.0
+    shared_noise: bool = True
+    negative_prompt: str = ""
+    height: int | None = None
+    width: int | None = None
+
+
+@dataclass
+class StepResult:
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor  # (B,) float64, summed over latent dimensions
+    mean: torch.Tensor
+    std: torch.Tensor  # (B, 1, 1, 1)
+
+
+def previous_timesteps(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """The DDIM predecessor of each timestep, as diffusers' DDIMScheduler.step defines it."""
+    stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    return timesteps - stride
+
+
+def _alpha_bar(scheduler: DDIMScheduler, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=device)
+    t = t.to(device)
+    return torch.where(t >= 0, alphas[t.clamp(min=0)], final)
+
+
+def ddim_step(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timesteps: torch.Tensor,
+    sample: torch.Tensor,
+    eta: float,
+    *,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> StepResult:
+    """One DDIM step for a batch whose items may sit at different timesteps.
+
+    With ``prev_sample`` given, returns its log-prob under the step's Gaussian (training);
+    otherwise draws it with ``noise`` (sampling). Log-probs are summed over latent dims and
+    are zero when σ = 0 (η = 0 is deterministic and has no density).
+    """
+    if scheduler.config.thresholding:
+        raise ValueError("dynamic thresholding is not supported by the log-prob step")
+    device = sample.device
+    shape = (-1,) + (1,) * (sample.ndim - 1)
+    a_t = _alpha_bar(scheduler, timesteps, device).view(shape)
+    a_prev = _alpha_bar(scheduler, previous_timesteps(scheduler, timesteps), device).view(shape)
+    # The mean in float32 matches diffusers' DDIMScheduler bit for bit; the density is
+    # summed in float64 so that small policy/reference differences survive the sum.
+    x = sample.float()
+    out = model_output.float()
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        eps = out
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    elif kind == "v_prediction":
+        x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+        eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x
+    elif kind == "sample":
+        x0 = out
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+    if scheduler.config.clip_sample:
+        limit = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-limit, limit)  # ε̂ stays unclipped, as in diffusers' default
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    if prev_sample is None:
+        prev = mean if noise is None or eta == 0 else mean + std * noise.float()
+        prev_sample = prev.to(sample.dtype)
+    log_prob = gaussian_log_prob(
+        prev_sample.to(torch.float64), mean.to(torch.float64), std.to(torch.float64)
+    )
+    return StepResult(prev_sample, log_prob, mean, std)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Σ_d log N(x_d; μ_d, σ²) per batch item; zero where σ = 0."""
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    per_dim = -((x - mean) ** 2) / (2 * safe**2) - torch.log(safe) - HALF_LOG_2PI
+    per_dim = torch.where(std > 0, per_dim, torch.zeros_like(per_dim))
+    return per_dim.flatten(1).sum(1)
+
+
+def _autocast(unet: torch.nn.Module) -> contextlib.AbstractContextManager:
+    dtype = unet.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(unet.device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def guided_model_output(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    guidance: float,
+) -> torch.Tensor:
+    """The UNet's (classifier-free guided) prediction, in float32, for a batch of items.
+
+    cond/uncond hold one embedding per item. Guidance is on when ``guidance > 1`` and an
+    unconditional embedding is given, exactly as in diffusers' pipeline.
+    """
+    dtype = unet.dtype
+    with _autocast(unet):
+        if uncond is not None and guidance > 1:
+            out = unet(
+                torch.cat([latents, latents]).to(dtype),
+                torch.cat([timesteps, timesteps]),
+                encoder_hidden_states=torch.cat([uncond, cond]).to(dtype),
+            ).sample.float()
+            out_uncond, out_cond = out.chunk(2)
+            return out_uncond + guidance * (out_cond - out_uncond)
+        return unet(
+            latents.to(dtype), timesteps, encoder_hidden_states=cond.to(dtype)
+        ).sample.float()
+
+
+@dataclass
+class Trajectory:
+    """The denoising trajectories of one grid: what a D3PO round trains on.
+
+    latents: (N, T+1, C, h, w) float32, x_T … x_0 per image.
+    timesteps: (T,) the DDIM timesteps, in sampling order.
+    log_probs: (N, T) log π(x_{t−1} | x_t) recorded while sampling (summed over latent dims).
+    prompt_embeds / negative_embeds: (1, L, D), once per grid (negative is None without CFG).
+    """
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    log_probs: torch.Tensor
+    prompt_embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None
+    prompt: str
+    seeds: list[int]
+    settings: SampleSettings
+    model_id: str = ""
+    adapter_round: int | None = None
+
+    @property
+    def n(self) -> int:
+        return self.latents.shape[0]
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {
+            "latents": self.latents.contiguous(),
+            "timesteps": self.timesteps.contiguous(),
+            "log_probs": self.log_probs.contiguous(),
+            "prompt_embeds": self.prompt_embeds.contiguous(),
+        }
+        if self.negative_embeds is not None:
+            tensors["negative_embeds"] = self.negative_embeds.contiguous()
+        return tensors
+
+    def metadata(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "seeds": self.seeds,
+            "sample_settings": asdict(self.settings),
+            "model_id": self.model_id,
+            "adapter_round": self.adapter_round,
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict) -> Trajectory:
+        return cls(
+            latents=tensors["latents"],
+            timesteps=tensors["timesteps"],
+            log_probs=tensors["log_probs"],
+            prompt_embeds=tensors["prompt_embeds"],
+            negative_embeds=tensors.get("negative_embeds"),
+            prompt=metadata["prompt"],
+            seeds=list(metadata["seeds"]),
+            settings=SampleSettings(**metadata["sample_settings"]),
+            model_id=metadata.get("model_id", ""),
+            adapter_round=metadata.get("adapter_round"),
+        )
+
+    def metadata_json(self) -> str:
+        return json.dumps(self.metadata())
+
+
+@dataclass
+class Grid:
+    images: list[Image.Image]
+    trajectory: Trajectory
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def encode_prompt(
+    pipe, prompt: str, negative_prompt: str, guidance: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cond, uncond) embeddings of shape (1, L, D); uncond is None without guidance."""
+    use_cfg = guidance > 1
+    cond, uncond = pipe.encode_prompt(
+        prompt,
+        pipe.unet.device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=use_cfg,
+        negative_prompt=negative_prompt or None,
+    )
+    return cond.float(), (uncond.float() if use_cfg else None)
+
+
+def initial_noise(
+    seeds: Sequence[int], shape: tuple[int, ...], shared: bool
+) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """x_T for each image and the per-image generators that then draw the step noise.
+
+    Image i's generator is seeded with seeds[i] and draws its x_T first (as diffusers does
+    with a list of generators); with ``shared`` every image starts from image 0's x_T.
+    Noise is drawn on the CPU so a seed gives the same images on any device.
+    """
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
+    if shared:
+        noise = noise[:1].expand_as(noise).clone()
+    return noise, generators
+
+
+@torch.no_grad()
+def sample_grid(
+    pipe,
+    prompt: str,
+    settings: SampleSettings | None = None,
+    *,
+    seed: int | None = None,
+    seeds: Sequence[int] | None = None,
+    adapter_round: int | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> Grid:
+    """Sample a grid of ``settings.n`` images for one prompt in one batch, recording trajectories.
+
+    Seeds: image i uses ``seeds[i]`` (default ``seed + i``; a random seed when none given).
+    """
+    import time
+
+    settings = settings or SampleSettings()
+    start = time.perf_counter()
+    if seeds is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
+        seeds = [seed + i for i in range(settings.n)]
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != settings.n:
+        raise ValueError(f"{len(seeds)} seeds given for a grid of {settings.n}")
+    unet, scheduler = pipe.unet, pipe.scheduler
+    device = unet.device
+    height = settings.height or unet.config.sample_size * pipe.vae_scale_factor
+    width = settings.width or unet.config.sample_size * pipe.vae_scale_factor
+    shape = (
+        unet.config.in_channels,
+        height // pipe.vae_scale_factor,
+        width // pipe.vae_scale_factor,
+    )
+    cond, uncond = encode_prompt(pipe, prompt, settings.negative_prompt, settings.guidance)
+    scheduler.set_timesteps(settings.steps, device=device)
+    timesteps = scheduler.timesteps.clone()
+    noise, generators = initial_noise(seeds, shape, settings.shared_noise)
+    x = (noise * scheduler.init_noise_sigma).to(device)
+    n = settings.n
+    cond_b = cond.expand(n, -1, -1)
+    uncond_b = uncond.expand(n, -1, -1) if uncond is not None else None
+    latents, log_probs = [x.float().cpu()], []
+    for i, t in enumerate(timesteps):
+        t_batch = t.expand(n)
+        out = guided_model_output(unet, x, t_batch, cond_b, uncond_b, settings.guidance)
+        step_noise = torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
+        result = ddim_step(
+            scheduler, out, t_batch, x.float(), settings.eta, noise=step_noise.to(device)
+        )
+        x = result.prev_sample
+        latents.append(x.float().cpu())
+        log_probs.append(result.log_prob.cpu())
+        if on_step is not None:
+            on_step(i + 1, len(timesteps))
+    images = decode_latents(pipe, x)
+    trajectory = Trajectory(
+        latents=torch.stack(latents, dim=1),
+        timesteps=timesteps.cpu(),
+        log_probs=torch.stack(log_probs, dim=1),
+        prompt_embeds=cond.cpu(),
+        negative_embeds=uncond.cpu() if uncond is not None else None,
+        prompt=prompt,
+        seeds=seeds,
+        settings=settings,
+        model_id=getattr(pipe, "model_id", ""),
+        adapter_round=adapter_round,
+    )
+    return Grid(images=images, trajectory=trajectory, seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """VAE-decode final latents to PIL images, as diffusers' pipeline does."""
+    vae = pipe.vae
+    scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+    image = vae.decode(scaled).sample
+    return pipe.image_processor.postprocess(image.float(), output_type="pil")
+
+
+@torch.no_grad()
+def recompute_log_probs(pipe, trajectory: Trajectory) -> torch.Tensor:
+    """Log-probs of every stored transition under the pipeline's current weights: (N, T)."""
+    unet, scheduler = pipe.unet, pipe.scheduler
+    s = trajectory.settings
+    scheduler.set_timesteps(s.steps, device=unet.device)
+    n = trajectory.n
+    rows = []
+    for k, t in enumerate(trajectory.timesteps.to(unet.device)):
+        x_t = trajectory.latents[:, k].to(unet.device)
+        x_prev = trajectory.latents[:, k + 1].to(unet.device)
+        cond = trajectory.prompt_embeds.to(unet.device).expand(n, -1, -1)
+        neg = trajectory.negative_embeds
+        uncond = neg.to(unet.device).expand(n, -1, -1) if neg is not None else None
+        out = guided_model_output(unet, x_t, t.expand(n), cond, uncond, s.guidance)
+        rows.append(ddim_step(scheduler, out, t.expand(n), x_t, s.eta, prev_sample=x_prev).log_prob)
+    return torch.stack(rows, dim=1).cpu()

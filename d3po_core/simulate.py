@@ -1,0 +1,104 @@
+"""Scripted preference rounds: grids → a scorer's best/worst → one D3PO round, repeated.
+
+After each round the scorer is measured on a fixed evaluation set (fixed prompts × fixed
+seeds, each image drawn from its own seed), for the base model and the current adapter on the
+same noise, so the win rate of tuned vs base is a paired comparison.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from .models import base_model, has_lora
+from .sampling import SampleSettings, sample_grid
+from .scorers import Scorer, score_images
+from .session import Session
+from .trainer import D3POConfig, ProgressEvent
+from .workflow import generate, label_with_scorer, train_round
+
+
+@dataclass
+class EvalSet:
+    prompts: list[str]
+    seeds: list[int]
+
+
+def evaluate(pipe, scorer: Scorer, eval_set: EvalSet, settings: SampleSettings) -> list[float]:
+    """The scorer on every (prompt, seed) of the set, with the pipeline as it stands."""
+    scores: list[float] = []
+    one_by_one = replace(settings, n=len(eval_set.seeds), shared_noise=False)
+    for prompt in eval_set.prompts:
+        grid = sample_grid(pipe, prompt, one_by_one, seeds=eval_set.seeds)
+        scores += score_images(scorer, grid.images, prompt)
+    return scores
+
+
+def paired_win_rate(tuned: Sequence[float], base: Sequence[float]) -> float:
+    """Share of paired samples where tuned beats base; a tie counts half."""
+    wins = sum(1.0 if t > b else 0.5 if t == b else 0.0 for t, b in zip(tuned, base, strict=True))
+    return wins / len(base)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def simulate(
+    pipe,
+    session: Session,
+    scorer: Scorer,
+    prompts: Sequence[str],
+    *,
+    rounds: int,
+    grids: int,
+    settings: SampleSettings,
+    config: D3POConfig,
+    eval_set: EvalSet,
+    seed: int = 0,
+    on_grid: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+    on_round: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Run ``rounds`` of (``grids`` grids → scripted picks → one round); one table row a round.
+
+    Row 0 is the starting point (the session's active adapter, or the base model).
+    """
+    with base_model(pipe.unet):
+        base_scores = evaluate(pipe, scorer, eval_set, settings)
+    start_scores = (
+        evaluate(pipe, scorer, eval_set, settings) if has_lora(pipe.unet) else base_scores
+    )
+
+    def row(round_id, scores, metrics, seconds) -> dict:
+        return {
+            "round": round_id,
+            "base_mean": _mean(base_scores),
+            "tuned_mean": _mean(scores),
+            "win_rate": paired_win_rate(scores, base_scores),
+            "loss": metrics.get("loss"),
+            "accuracy": metrics.get("accuracy"),
+            "seconds": seconds,
+        }
+
+    table = [row(session.active_round or 0, start_scores, {}, 0.0)]
+    if on_round is not None:
+        on_round(table[0])
+    prompt_cycle = itertools.cycle(prompts)
+    grid_seed = seed
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for g in range(grids):
+            grid_id, _grid = generate(pipe, session, next(prompt_cycle), settings, seed=grid_seed)
+            grid_seed += settings.n
+            label_with_scorer(session, grid_id, scorer)
+            if on_grid is not None:
+                on_grid(g + 1, grids)
+        round_id, metrics = train_round(pipe, session, config, on_progress=on_progress)
+        scores = evaluate(pipe, scorer, eval_set, settings)
+        table.append(row(round_id, scores, metrics, time.perf_counter() - start))
+        if on_round is not None:
+            on_round(table[-1])
+    return table

@@ -1,0 +1,134 @@
+"""The engine's verbs over a session and a loaded pipeline, shared by the CLI and the studio.
+
+generate a grid → store it; label a grid with a scorer; train a round on the stored picks and
+commit its adapter; activate a round (or the base model) in the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .models import load_lora, remove_lora, save_lora
+from .sampling import Grid, SampleSettings, Trajectory, sample_grid
+from .scorers import Scorer, score_images, scripted_pick
+from .session import Session
+from .trainer import D3POConfig, Example, NoPicksError, ProgressEvent, run_round
+
+
+def activate(pipe, session: Session, round_id: int | None) -> None:
+    """Put a round's adapter (or none: the base model) into the pipeline and the session."""
+    if round_id is None:
+        remove_lora(pipe.unet)
+    else:
+        load_lora(pipe.unet, session.round_path(round_id))
+    session.set_active_round(round_id)
+
+
+def sync_active(pipe, session: Session) -> None:
+    """Load the session's active round into a freshly loaded pipeline."""
+    if session.active_round is not None:
+        load_lora(pipe.unet, session.round_path(session.active_round))
+
+
+def generate(
+    pipe,
+    session: Session,
+    prompt: str,
+    settings: SampleSettings | None = None,
+    *,
+    seed: int | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> tuple[int, Grid]:
+    """Sample a grid with the active adapter, store it, and return (grid id, grid)."""
+    prompt = prompt.strip()
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    grid = sample_grid(
+        pipe, prompt, settings, seed=seed, adapter_round=session.active_round, on_step=on_step
+    )
+    traj = grid.trajectory
+    grid_id = session.add_grid(
+        prompt,
+        traj.seeds,
+        grid.images,
+        traj.to_tensors(),
+        model=traj.model_id,
+        adapter_round=traj.adapter_round,
+        settings=traj.metadata(),
+        negative_prompt=traj.settings.negative_prompt,
+    )
+    return grid_id, grid
+
+
+def load_trajectory(session: Session, grid_id: int) -> Trajectory:
+    return Trajectory.from_tensors(session.load_tensors(grid_id), session.grid(grid_id)["settings"])
+
+
+def label_with_scorer(
+    session: Session, grid_id: int, scorer: Scorer, *, labeler: str = "scorer"
+) -> int:
+    """Pick best = argmax and worst = argmin of the scorer on a stored grid (a tie if equal)."""
+    grid = session.grid(grid_id)
+    scores = score_images(scorer, session.load_images(grid_id), grid["prompt"])
+    pick = scripted_pick(scores)
+    if pick is None:
+        return session.add_pick(grid_id, best=None, worst=None, kind="tie", labeler=labeler)
+    return session.add_pick(grid_id, best=pick[0], worst=pick[1], labeler=labeler)
+
+
+def unlabeled_grids(session: Session) -> list[int]:
+    grids = session.grids_df()
+    picks = session.picks_df()
+    labeled = set(picks["grid_id"]) if len(picks) else set()
+    return [int(g) for g in grids["id"] if int(g) not in labeled]
+
+
+def load_examples(session: Session, *, replay: bool = False) -> tuple[list[Example], int]:
+    """The picks to train on as Examples, and the newest pick id among them."""
+    picks = session.training_picks(since_last_round=not replay)
+    if not picks:
+        raise NoPicksError("no new picks to train on: label some grids (best and worst) first")
+    cache: dict[int, Trajectory] = {}
+    examples = []
+    for p in picks:
+        if p["grid_id"] not in cache:
+            cache[p["grid_id"]] = load_trajectory(session, p["grid_id"])
+        examples.append(Example(cache[p["grid_id"]], p["best"], p["worst"], p["pick_id"]))
+    return examples, max(p["pick_id"] for p in picks)
+
+
+def train_round(
+    pipe,
+    session: Session,
+    config: D3POConfig | None = None,
+    *,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    accelerator=None,
+) -> tuple[int | None, dict]:
+    """Train one round on the session's new picks, commit its adapter; return (round id, metrics).
+
+    Under a multi-process launch only the main process writes the round (round id None
+    elsewhere). A cancelled or failed round commits nothing and leaves the adapter unchanged.
+    """
+    config = config or D3POConfig()
+    examples, last_pick_id = load_examples(session, replay=config.replay)
+    result = run_round(
+        pipe,
+        examples,
+        config,
+        on_progress=on_progress,
+        should_cancel=should_cancel,
+        accelerator=accelerator,
+    )
+    if accelerator is not None and not accelerator.is_main_process:
+        return None, result.metrics
+    tmp = session.new_round_dir()
+    save_lora(pipe.unet, tmp)
+    round_id = session.commit_round(
+        tmp,
+        settings=config.to_dict(),
+        metrics={**result.metrics, "history": result.history},
+        last_pick_id=last_pick_id,
+    )
+    return round_id, result.metrics
