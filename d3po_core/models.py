@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,15 +121,16 @@ def load_pipeline(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source,
-            torch_dtype=dtype,
-            use_safetensors=True,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
-    except ModelLoadError:
-        raise
+        with warnings.catch_warnings():
+            # newer diffusers renamed torch_dtype to dtype; the old name works across versions
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                source,
+                torch_dtype=dtype,
+                use_safetensors=True,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
     except Exception as exc:  # diffusers raises many types; turn them into one clear line
         raise ModelLoadError(_explain_load_failure(name, is_local, exc)) from exc
     if type(pipe).__name__ not in SUPPORTED_PIPELINES:

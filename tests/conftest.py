@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random-weight pipeline folders laid out like hub checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from d3po_core.models import load_pipeline
+from d3po_core.sampling import SampleSettings
+from d3po_core.tiny_model import build_tiny_pipeline
+
+torch.set_num_threads(2)
+
+# Few steps and small grids keep the CPU suite quick; the math is the same at any size.
+FAST = SampleSettings(n=4, steps=4, guidance=5.0, eta=1.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_eps(tmp_path_factory):
+    """An epsilon-prediction checkpoint whose saved scheduler is PNDM (as in SD 1.5)."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-eps"), prediction_type="epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_v(tmp_path_factory):
+    """A v-prediction checkpoint with a DDIM scheduler (as in SD 2.x 768)."""
+    return build_tiny_pipeline(
+        tmp_path_factory.mktemp("tiny-v"), prediction_type="v_prediction", scheduler="ddim", seed=1
+    )
+
+
+@pytest.fixture
+def pipe(tiny_eps):
+    return load_pipeline(tiny_eps, device="cpu")

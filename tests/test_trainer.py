@@ -1,0 +1,135 @@
+"""A round: batching, progress, cancel, metrics, references, bad input."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from d3po_core.models import lora_parameters
+from d3po_core.sampling import sample_grid
+from d3po_core.trainer import (
+    D3POConfig,
+    Example,
+    NoPicksError,
+    RoundCancelled,
+    build_items,
+    run_round,
+)
+
+from .conftest import FAST
+
+
+@pytest.fixture
+def examples(pipe):
+    grids = [sample_grid(pipe, "a red circle", FAST, seed=10 * i) for i in range(3)]
+    return [Example(g.trajectory, best=i % 4, worst=(i + 1) % 4) for i, g in enumerate(grids)]
+
+
+def _count_unet_rows(pipe):
+    calls = []
+    original = pipe.unet.forward
+
+    def counting(sample, *args, **kwargs):
+        calls.append(sample.shape[0])
+        return original(sample, *args, **kwargs)
+
+    pipe.unet.forward = counting
+    return calls
+
+
+def test_round_batches_pair_steps_through_few_unet_calls(pipe, examples):
+    config = D3POConfig(epochs=2, batch_size=6)
+    items = build_items(examples, config)
+    assert len(items) == 3 * FAST.steps  # one pair a pick, every step
+    calls = _count_unet_rows(pipe)
+    result = run_round(pipe, examples, config)
+    batches = -(-len(items) // 6)
+    # one reference pass + two epochs, each batch one UNet call of items × (w, l) × (cond, uncond)
+    assert len(calls) == 3 * batches
+    assert max(calls) == 6 * 2 * 2
+    assert result.metrics["optimizer_steps"] == 2 * batches
+
+
+def test_metrics_and_progress_events(pipe, examples):
+    events = []
+    result = run_round(
+        pipe, examples, D3POConfig(epochs=2, batch_size=4), on_progress=events.append
+    )
+    assert [e.step for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].step == events[-1].total and events[-1].eta_s == 0
+    for key in (
+        "loss",
+        "accuracy",
+        "mean_delta",
+        "grad_norm",
+        "kl",
+        "seconds",
+        "peak_memory_mb",
+        "picks",
+        "items",
+    ):
+        assert key in result.metrics
+    assert result.metrics["picks"] == 3
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0
+    assert result.metrics["grad_norm"] > 0
+    assert len(result.history) == len(events)
+
+
+def test_training_lowers_the_loss_on_its_picks(pipe, examples):
+    config = D3POConfig(epochs=6, batch_size=4, learning_rate=1e-3)
+    result = run_round(pipe, examples, config)
+    first = sum(h["loss"] for h in result.history[:3]) / 3
+    last = sum(h["loss"] for h in result.history[-3:]) / 3
+    assert last < first
+    assert result.metrics["accuracy"] > 0.5
+
+
+def test_cancel_restores_the_adapter(pipe, examples):
+    run_round(pipe, examples, D3POConfig(epochs=1, batch_size=4))
+    before = [p.detach().clone() for p in lora_parameters(pipe.unet)]
+    seen = []
+
+    def cancel_after_two() -> bool:
+        return len(seen) >= 2
+
+    with pytest.raises(RoundCancelled):
+        run_round(
+            pipe,
+            examples,
+            D3POConfig(epochs=3, batch_size=2, learning_rate=1e-2),
+            on_progress=seen.append,
+            should_cancel=cancel_after_two,
+        )
+    assert len(seen) == 2
+    for p, b in zip(lora_parameters(pipe.unet), before, strict=True):
+        assert torch.equal(p, b)
+
+
+def test_reference_previous_starts_at_zero_margin(pipe, examples):
+    run_round(pipe, examples, D3POConfig(epochs=2, batch_size=4, learning_rate=1e-2))
+    events = []
+    run_round(
+        pipe,
+        examples,
+        D3POConfig(epochs=1, batch_size=100, reference="previous"),
+        on_progress=events.append,
+    )
+    # one batch: the policy is the reference when the loss is evaluated, so Δ = 0 exactly
+    assert events[0].loss == pytest.approx(0.6931471805599453)
+
+
+def test_no_picks_and_eta_zero_are_refused(pipe):
+    with pytest.raises(NoPicksError, match="no picks"):
+        run_round(pipe, [], D3POConfig())
+    grid = sample_grid(pipe, "a circle", replace(FAST, eta=0.0), seed=1)
+    with pytest.raises(ValueError, match="eta = 0"):
+        run_round(pipe, [Example(grid.trajectory, 0, 1)], D3POConfig())
+
+
+def test_bad_settings_are_refused(pipe, examples):
+    with pytest.raises(ValueError, match="beta"):
+        run_round(pipe, examples, D3POConfig(beta=0))
+    with pytest.raises(ValueError, match="timestep_fraction"):
+        run_round(pipe, examples, D3POConfig(timestep_fraction=0))
