@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from diffusers.utils import logging as diffusers_logging
 from tqdm.auto import tqdm
 
 from .d3po import PairMode
@@ -343,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    diffusers_logging.disable_progress_bar()  # our own bars say what is going on
     try:
         args.func(args)
     except (ModelLoadError, SessionError, ScorerError, NoPicksError, ValueError) as exc:

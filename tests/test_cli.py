@@ -1,0 +1,166 @@
+"""The headless CLI: help, the label/train/export loop, simulate, errors, accelerate launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from d3po_core.__main__ import main
+from d3po_core.session import Session
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = ["generate", "label", "train", "simulate", "export"]
+SMALL = ["--grid-size", "2", "--steps", "4", "--guidance", "5"]
+
+
+def _env():
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+def test_module_help_lists_every_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "d3po_core", "--help"], capture_output=True, text=True, env=_env()
+    )
+    assert out.returncode == 0
+    for command in COMMANDS:
+        assert command in out.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "--session" in capsys.readouterr().out
+
+
+def test_generate_label_train_export(tiny_eps, tmp_path, capsys):
+    session, model = str(tmp_path / "s"), str(tiny_eps)
+    base = ["--session", session]
+    assert (
+        main(
+            [
+                "generate",
+                *base,
+                "--model",
+                model,
+                "--prompt",
+                "a red circle",
+                "--grids",
+                "2",
+                "--seed",
+                "3",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
+    assert main(["label", *base, "--scorer", "jpeg_incompressibility"]) == 0
+    assert "labeled 2 grid(s)" in capsys.readouterr().out
+    assert main(["train", *base, "--model", model, "--epochs", "1", "--batch-size", "4"]) == 0
+    assert "round 1 committed" in capsys.readouterr().out
+    lora, kohya, picks = tmp_path / "lora", tmp_path / "k.safetensors", tmp_path / "p.parquet"
+    code = main(
+        [
+            "export",
+            *base,
+            "--model",
+            model,
+            "--lora",
+            str(lora),
+            "--kohya",
+            str(kohya),
+            "--picks",
+            str(picks),
+        ]
+    )
+    assert code == 0
+    assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    assert all(k.startswith("lora_unet_") for k in load_file(kohya))
+    assert len(pd.read_parquet(picks)) == 2
+    with Session.open(session) as s:
+        assert s.grids_df()["seed"].tolist() == [3, 5]
+        assert s.picks_df()["labeler"].tolist() == ["scorer", "scorer"]
+
+
+def test_simulate_prints_a_table_and_writes_json(tiny_eps, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "sim.json"
+    args = ["simulate", "--session", str(tmp_path / "s"), "--model", str(tiny_eps)]
+    args += [
+        "--scorer",
+        "jpeg_compressibility",
+        "--rounds",
+        "2",
+        "--grids",
+        "2",
+        "--prompts",
+        str(prompts),
+    ]
+    args += ["--eval-seeds", "2", "--epochs", "1", "--json", str(out), *SMALL]
+    assert main(args) == 0
+    table = json.loads(out.read_text())["rounds"]
+    assert [row["round"] for row in table] == [0, 1, 2]
+    assert table[0]["win_rate"] == 0.5 and table[0]["tuned_mean"] == table[0]["base_mean"]
+    for row in table[1:]:
+        assert row["loss"] is not None and 0 <= row["win_rate"] <= 1
+        assert row["base_mean"] == table[0]["base_mean"]  # the same fixed eval set
+    printed = capsys.readouterr().out
+    assert "win rate" in printed and len(printed.splitlines()) >= 5
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "--model", "/no/such/model", "--prompt", "x"], "model folder not found"),
+        (["generate", "--prompt", "x", "--grid-size", "40"], "out of range"),
+        (["label", "--scorer", "nope"], "not a built-in"),
+        (["export", "--picks", "x.csv"], "no session"),
+    ],
+)
+def test_bad_input_is_one_error_line(tmp_path, capsys, args, message):
+    assert main([*args, "--session", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_train_without_picks_is_a_clear_error(tiny_eps, tmp_path, capsys):
+    assert main(["train", "--session", str(tmp_path / "s"), "--model", str(tiny_eps)]) == 2
+    assert "no new picks" in capsys.readouterr().err
+
+
+def test_train_runs_under_accelerate_launch(tiny_eps, tmp_path):
+    session = str(tmp_path / "s")
+    gen = [
+        "generate",
+        "--session",
+        session,
+        "--model",
+        str(tiny_eps),
+        "--prompt",
+        "a circle",
+        *SMALL,
+    ]
+    assert main(gen) == 0
+    assert main(["label", "--session", session, "--scorer", "jpeg_compressibility"]) == 0
+    launcher = shutil.which("accelerate") or "accelerate"
+    cmd = [launcher, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "d3po_core", "train"]
+    cmd += ["--session", session, "--model", str(tiny_eps), "--epochs", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "round 1 committed" in out.stdout
+    with Session.open(session) as s:
+        assert s.last_round() == 1
