@@ -23,7 +23,7 @@ def say(line: str) -> None:
 
 def main(root: str, model: str) -> None:
     settings = SampleSettings(n=2, steps=4, guidance=5.0)
-    config = D3POConfig(epochs=4, batch_size=1)
+    config = D3POConfig(epochs=2, batch_size=1)
     with Session.open(root) as session:
         pipe = load_pipeline(model, device="cpu")
         sync_active(pipe, session)
