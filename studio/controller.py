@@ -1,0 +1,269 @@
+"""The studio's controller: one object over a session and a loaded pipeline.
+
+The Gradio app and the notebook panels are views over it with the same verbs; all logic lives
+here or in the engine. GPU work (sampling, training) runs one job at a time under a lock.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+
+from d3po_core import export, workflow
+from d3po_core.models import base_model, default_model, load_lora, load_pipeline, remove_lora
+from d3po_core.sampling import SampleSettings, sample_grid
+from d3po_core.session import Session
+from d3po_core.trainer import D3POConfig, ProgressEvent
+
+MAX_PROMPT_CHARS = 500
+MIN_GRID, MAX_GRID = 2, 16
+
+
+class StudioError(ValueError):
+    """Bad input or a failed action, with a message fit to show a user."""
+
+
+@dataclass
+class GridView:
+    grid_id: int
+    prompt: str
+    images: list[Image.Image]
+    seeds: list[int]
+    adapter_round: int | None
+    seconds: float
+
+
+@dataclass
+class BlindPair:
+    """Two images of one prompt and seed, base vs a round, in random order."""
+
+    prompt: str
+    seed: int
+    round_id: int
+    left: Image.Image
+    right: Image.Image
+    left_is: str  # "a" (the base) or "b" (the round)
+
+
+def _oom_message() -> str:
+    return "out of GPU memory: use a smaller grid, fewer steps or gradient checkpointing"
+
+
+class StudioController:
+    """Owns a session and a pipeline; every front end calls these verbs."""
+
+    def __init__(
+        self,
+        session_dir: str | Path,
+        *,
+        model: str | None = None,
+        device: str | None = None,
+        sample_settings: SampleSettings | None = None,
+        pipe=None,
+    ) -> None:
+        self.session = Session.open(session_dir)
+        self.model = str(model or default_model())
+        self.pipe = pipe if pipe is not None else load_pipeline(self.model, device=device)
+        workflow.sync_active(self.pipe, self.session)
+        self.sample_settings = sample_settings or SampleSettings()
+        self._gpu = threading.Lock()
+        self._cancel = threading.Event()
+
+    def close(self) -> None:
+        self.session.close()
+
+    @contextmanager
+    def _job(self) -> Iterator[None]:
+        """One GPU job at a time; out-of-memory becomes a clear message."""
+        with self._gpu:
+            try:
+                yield
+            except torch.cuda.OutOfMemoryError as exc:
+                torch.cuda.empty_cache()
+                raise StudioError(_oom_message()) from exc
+
+    # -- label ----------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str,
+        n: int | None = None,
+        *,
+        seed: int | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> GridView:
+        """Sample and store a grid for the prompt with the active adapter."""
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise StudioError("type a prompt first")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise StudioError(f"the prompt is too long ({len(prompt)} > {MAX_PROMPT_CHARS} chars)")
+        n = self.sample_settings.n if n is None else int(n)
+        if not MIN_GRID <= n <= MAX_GRID:
+            raise StudioError(f"grid size must be between {MIN_GRID} and {MAX_GRID}, not {n}")
+        settings = replace(self.sample_settings, n=n)
+        with self._job():
+            grid_id, grid = workflow.generate(
+                self.pipe, self.session, prompt, settings, seed=seed, on_step=on_step
+            )
+        return GridView(
+            grid_id,
+            prompt,
+            grid.images,
+            grid.trajectory.seeds,
+            grid.trajectory.adapter_round,
+            grid.seconds,
+        )
+
+    def pick(self, grid_id: int, best: int, worst: int, labeler: str = "") -> int:
+        """Record best/worst; durable when it returns."""
+        if best == worst:
+            raise StudioError("best and worst must be two different images")
+        return self.session.add_pick(grid_id, best=best, worst=worst, labeler=labeler)
+
+    def tie(self, grid_id: int, labeler: str = "") -> int:
+        return self.session.add_pick(grid_id, best=None, worst=None, kind="tie", labeler=labeler)
+
+    def skip(self, grid_id: int, labeler: str = "") -> int:
+        return self.session.add_pick(grid_id, best=None, worst=None, kind="skip", labeler=labeler)
+
+    def undo(self, labeler: str | None = None) -> int | None:
+        return self.session.undo_last_pick(labeler)
+
+    def picks_since_last_round(self) -> int:
+        return len(self.session.training_picks(since_last_round=True))
+
+    def add_prompts(self, text: str) -> int:
+        """Add prompts, one a line; returns how many were new."""
+        return self.session.add_prompts([line for line in text.splitlines() if line.strip()])
+
+    def next_prompt(self, after: str | None = None) -> str | None:
+        return self.session.next_prompt(after)
+
+    # -- train ----------------------------------------------------------------------------------
+
+    def train(
+        self,
+        config: D3POConfig | None = None,
+        *,
+        on_progress: Callable[[ProgressEvent], None] | None = None,
+    ) -> tuple[int, dict]:
+        """Train one round on the picks since the last round; returns (round id, metrics)."""
+        self._cancel.clear()
+        with self._job():
+            round_id, metrics = workflow.train_round(
+                self.pipe,
+                self.session,
+                config,
+                on_progress=on_progress,
+                should_cancel=self._cancel.is_set,
+            )
+        return round_id, metrics
+
+    def cancel_training(self) -> None:
+        """Ask the running round to stop at its next step; it then commits nothing."""
+        self._cancel.set()
+
+    # -- compare --------------------------------------------------------------------------------
+
+    @contextmanager
+    def _round_adapter(self, round_id: int) -> Iterator[None]:
+        """Temporarily put a round's adapter in the pipeline, then restore the active one."""
+        unet = self.pipe.unet
+        try:
+            load_lora(unet, self.session.round_path(round_id))
+            yield
+        finally:
+            active = self.session.active_round
+            if active is None:
+                remove_lora(unet)
+            else:
+                load_lora(unet, self.session.round_path(active))
+
+    def compare(
+        self, round_id: int, prompt: str, seeds: list[int]
+    ) -> tuple[list[Image.Image], list[Image.Image]]:
+        """Base and round images for one prompt on the same seeds (independent noise)."""
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise StudioError("type a prompt to compare")
+        settings = replace(self.sample_settings, n=len(seeds), shared_noise=False)
+        with self._job(), self._round_adapter(round_id):
+            tuned = sample_grid(self.pipe, prompt, settings, seeds=seeds).images
+            with base_model(self.pipe.unet):
+                base = sample_grid(self.pipe, prompt, settings, seeds=seeds).images
+        return base, tuned
+
+    def blind_pair(self, round_id: int, prompt: str, seed: int | None = None) -> BlindPair:
+        """One base/round image pair on the same seed, shown in random order."""
+        rng = random.Random()
+        seed = rng.randrange(2**31) if seed is None else seed
+        (base,), (tuned,) = self.compare(round_id, prompt, [seed])
+        if rng.random() < 0.5:
+            return BlindPair(prompt, seed, round_id, base, tuned, left_is="a")
+        return BlindPair(prompt, seed, round_id, tuned, base, left_is="b")
+
+    def vote(self, pair: BlindPair, choice: str, labeler: str = "") -> pd.DataFrame:
+        """Record a blind vote ('left', 'right' or 'tie'); returns the win rates."""
+        if choice not in ("left", "right", "tie"):
+            raise StudioError(f"a vote is left, right or tie, not {choice!r}")
+        right_is = "b" if pair.left_is == "a" else "a"
+        winner = {"left": pair.left_is, "right": right_is, "tie": "tie"}[choice]
+        self.session.add_comparison(
+            prompt=pair.prompt,
+            seed=pair.seed,
+            round_a=None,
+            round_b=pair.round_id,
+            winner=winner,
+            labeler=labeler,
+            shown_left=pair.left_is,
+        )
+        return self.session.win_rates()
+
+    # -- history --------------------------------------------------------------------------------
+
+    def rounds(self) -> pd.DataFrame:
+        return self.session.rounds_df()
+
+    def picks(self) -> pd.DataFrame:
+        return self.session.picks_df()
+
+    def agreement(self) -> pd.DataFrame:
+        return self.session.agreement_df()
+
+    def win_rates(self) -> pd.DataFrame:
+        return self.session.win_rates()
+
+    def activate(self, round_id: int | None) -> None:
+        """Sample from a round's adapter from now on, or from the base model (None)."""
+        with self._job():
+            workflow.activate(self.pipe, self.session, round_id)
+
+    # -- export ---------------------------------------------------------------------------------
+
+    def _export_round(self) -> int:
+        round_id = self.session.active_round
+        if round_id is None:
+            raise StudioError("no active round to export: train a round (or activate one)")
+        return round_id
+
+    def export_lora(self, out_dir: str | Path) -> Path:
+        """The active round as a diffusers/peft LoRA folder."""
+        return export.export_diffusers(self.session, self._export_round(), out_dir)
+
+    def export_kohya(self, out_file: str | Path) -> Path:
+        """The active round as one kohya-format file for A1111/ComfyUI."""
+        self._export_round()
+        with self._gpu:
+            return export.export_kohya(self.pipe.unet, out_file, base_model=self.model)
+
+    def export_picks(self, out_file: str | Path) -> Path:
+        return export.export_picks(self.session, out_file)

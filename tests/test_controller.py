@@ -1,0 +1,121 @@
+"""The studio controller: the verbs every front end calls, and their bad-input messages."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from d3po_core.trainer import D3POConfig, NoPicksError, RoundCancelled
+from studio.controller import StudioController, StudioError
+
+from .conftest import FAST
+
+
+@pytest.fixture
+def ctl(tmp_path, tiny_eps):
+    controller = StudioController(
+        tmp_path / "s", model=str(tiny_eps), device="cpu", sample_settings=FAST
+    )
+    yield controller
+    controller.close()
+
+
+def _label(ctl, count=2, labeler="ana"):
+    for i in range(count):
+        view = ctl.generate("a red circle", seed=10 * i)
+        ctl.pick(view.grid_id, best=i % 4, worst=(i + 1) % 4, labeler=labeler)
+
+
+def test_generate_pick_undo_and_counter(ctl):
+    view = ctl.generate("a red circle", 3, seed=5)
+    assert len(view.images) == 3 and view.seeds == [5, 6, 7] and view.adapter_round is None
+    ctl.pick(view.grid_id, 0, 2, labeler="ana")
+    assert ctl.picks_since_last_round() == 1
+    ctl.tie(view.grid_id, labeler="ben")
+    ctl.skip(view.grid_id, labeler="ben")
+    assert ctl.picks_since_last_round() == 1  # ties and skips train nothing
+    ctl.undo("ana")
+    assert ctl.picks_since_last_round() == 0
+    assert list(ctl.picks()["kind"]) == ["tie", "skip"]
+
+
+@pytest.mark.parametrize(
+    "prompt,n,message",
+    [
+        ("", 4, "type a prompt"),
+        ("x" * 501, 4, "too long"),
+        ("a circle", 1, "between 2 and 16"),
+        ("a circle", 17, "between 2 and 16"),
+    ],
+)
+def test_bad_generate_input_is_refused_and_nothing_is_stored(ctl, prompt, n, message):
+    with pytest.raises(StudioError, match=message):
+        ctl.generate(prompt, n)
+    assert ctl.session.grids_df().empty
+
+
+def test_pick_must_name_two_images(ctl):
+    view = ctl.generate("a circle", seed=1)
+    with pytest.raises(StudioError, match="two different"):
+        ctl.pick(view.grid_id, 1, 1)
+    with pytest.raises(ValueError, match="out of range|outside"):
+        ctl.pick(view.grid_id, 0, 9)
+    assert ctl.picks().empty
+
+
+def test_train_on_zero_picks_is_a_clear_message(ctl):
+    with pytest.raises(NoPicksError, match="label some grids"):
+        ctl.train()
+
+
+def test_train_compare_vote_activate_export(ctl, tmp_path):
+    _label(ctl)
+    events = []
+    round_id, metrics = ctl.train(
+        D3POConfig(epochs=2, batch_size=4, learning_rate=1e-2), on_progress=events.append
+    )
+    assert round_id == 1 and events and metrics["picks"] == 2
+    assert ctl.picks_since_last_round() == 0
+    assert ctl.generate("a circle", seed=3).adapter_round == 1
+
+    base, tuned = ctl.compare(1, "a circle", [1, 2])
+    assert len(base) == len(tuned) == 2
+    assert not np.array_equal(np.asarray(base[0]), np.asarray(tuned[0]))
+    pair = ctl.blind_pair(1, "a circle", seed=4)
+    rates = ctl.vote(pair, "left" if pair.left_is == "b" else "right", labeler="ana")
+    assert rates.loc[0, "wins"] == 1 and rates.loc[0, "win_rate"] == 1.0
+    with pytest.raises(StudioError, match="left, right or tie"):
+        ctl.vote(pair, "up")
+
+    assert ctl.export_lora(tmp_path / "lora").is_file()
+    assert ctl.export_kohya(tmp_path / "k.safetensors").is_file()
+    assert len(pd.read_parquet(ctl.export_picks(tmp_path / "p.parquet"))) == 2
+
+    ctl.activate(None)  # roll back to the base model
+    assert ctl.generate("a circle", seed=3).adapter_round is None
+    with pytest.raises(StudioError, match="no active round"):
+        ctl.export_lora(tmp_path / "lora2")
+
+
+def test_cancel_from_another_thread_commits_nothing(ctl):
+    _label(ctl)
+    errors = []
+
+    def on_progress(event):
+        if event.step == 1:
+            threading.Thread(target=ctl.cancel_training).start()
+
+    def run():
+        try:
+            ctl.train(D3POConfig(epochs=50, batch_size=1), on_progress=on_progress)
+        except RoundCancelled as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(timeout=300)
+    assert errors and ctl.session.last_round() is None
+    assert ctl.picks_since_last_round() == 2  # the picks wait for the next round
