@@ -1,0 +1,154 @@
+"""End to end in a real headless Chromium: label with mouse and keys, train, compare, vote.
+
+Set D3PO_SCREENSHOTS=docs/screenshots to refresh the README's screenshots.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from d3po_core.session import Session
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="needs a chromium binary (scripts/test.sh installs Debian's)"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def studio(tmp_path, tiny_eps):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    session = tmp_path / "session"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "studio",
+            "--model",
+            str(tiny_eps),
+            "--session",
+            str(session),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if "ready at" in line:
+            break
+        if proc.poll() is not None:
+            raise AssertionError("the studio exited before it was ready")
+    yield f"http://127.0.0.1:{port}", session
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _shots() -> Path:
+    target = os.environ.get("D3PO_SCREENSHOTS")
+    path = Path(target) if target else Path(os.environ.get("TMPDIR", "/tmp")) / "d3po-shots"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_label_train_compare_in_a_real_browser(studio):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, session_dir = studio
+    shots = _shots()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(url, wait_until="domcontentloaded")
+        page.wait_for_selector("#prompt textarea", timeout=60_000)
+        page.get_by_label("Your name (saved with every pick)").fill("ana")
+        page.fill("#prompt textarea", "a red circle")
+        page.click("#generate-btn")
+        status = page.locator("#status")
+        expect(status).to_contain_text("Click the best", timeout=120_000)
+        page.screenshot(path=str(shots / "label.png"), full_page=True)
+
+        # grid 1 with the mouse: best = image 2, worst = image 4
+        thumbs = page.locator("#grid .thumbnail-item")
+        thumbs.nth(1).click()
+        expect(status).to_contain_text("Now click the worst")
+        thumbs.nth(3).click()
+        expect(status).to_contain_text("Saved pick 1")
+        expect(page.locator("#grid-info")).to_contain_text("Grid 2", timeout=120_000)
+
+        # grids 2 and 3 with the keys: 1 = best, 3 = worst; then a tie with t
+        page.locator("body").click(position={"x": 5, "y": 5})
+        for n in (2, 3):
+            page.keyboard.press("1")
+            expect(status).to_contain_text("Now click the worst")
+            page.keyboard.press("3")
+            expect(status).to_contain_text(f"Saved pick {n}")
+            expect(page.locator("#grid-info")).to_contain_text(f"Grid {n + 1}", timeout=120_000)
+        page.keyboard.press("t")
+        expect(status).to_contain_text("Saved tie")
+        expect(page.locator("#pick-counter")).to_contain_text("3 pick(s)")
+
+        # train a round
+        page.get_by_role("tab", name="Train").click()
+        page.screenshot(path=str(shots / "train-before.png"), full_page=True)
+        page.click("#train-btn")
+        expect(page.locator("#train-status")).to_contain_text("Round 1 saved", timeout=300_000)
+        page.screenshot(path=str(shots / "train.png"), full_page=True)
+
+        # compare: a blind pair and a vote
+        page.get_by_role("tab", name="History").click()
+        page.get_by_role("button", name="Refresh").click()
+        page.get_by_role("tab", name="Compare").click()
+        page.click("#pair-btn")
+        expect(page.locator("#reveal")).to_contain_text("Vote", timeout=120_000)
+        page.click("#vote-left")
+        expect(page.locator("#reveal")).to_contain_text(re.compile("Left was"))
+        page.screenshot(path=str(shots / "compare.png"), full_page=True)
+        page.get_by_role("tab", name="History").click()
+        page.get_by_role("button", name="Refresh").click()
+        time.sleep(1)
+        page.screenshot(path=str(shots / "history.png"), full_page=True)
+        page.get_by_role("tab", name="Export").click()
+        page.screenshot(path=str(shots / "export.png"), full_page=True)
+        browser.close()
+
+    with Session.open(session_dir) as session:
+        picks = session.picks_df()
+        assert list(picks["kind"]) == ["pick", "pick", "pick", "tie"]
+        assert list(picks["labeler"]) == ["ana"] * 4
+        assert (list(picks["best"][:3]), list(picks["worst"][:3])) == ([1, 0, 0], [3, 2, 2])
+        assert session.last_round() == 1
+        assert len(session.comparisons_df()) == 1
