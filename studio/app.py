@@ -6,7 +6,9 @@ screen, the pending best pick, the blind pair) is small and lives in ``gr.State`
 
 from __future__ import annotations
 
+import queue
 import tempfile
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -305,6 +307,7 @@ def build_app(ctl: StudioController) -> gr.Blocks:
 
         # -- callbacks: Train -------------------------------------------------------------------
         def train(b, rate, ep, pr, red, ref, frac, progress=gr.Progress()):
+            """Runs the round in a worker thread and streams the loss/accuracy curve."""
             try:
                 config = D3POConfig(
                     beta=float(b),
@@ -315,34 +318,49 @@ def build_app(ctl: StudioController) -> gr.Blocks:
                     reference=ref,
                     timestep_fraction=float(frac),
                 )
-                rows = []
+                config.validate()
+            except (TypeError, ValueError) as exc:
+                yield _error(exc), gr.update(), counter()
+                return
+            events: queue.Queue = queue.Queue()
+            outcome: dict = {}
 
-                def on_progress(event):
-                    progress(
-                        event.step / event.total,
-                        desc=f"step {event.step}/{event.total}, ETA {event.eta_s:.0f} s",
-                    )
-                    rows.extend(
-                        [
-                            {"step": event.step, "metric": "loss", "value": event.loss},
-                            {"step": event.step, "metric": "accuracy", "value": event.accuracy},
-                        ]
-                    )
+            def work() -> None:
+                try:
+                    outcome["result"] = ctl.train(config, on_progress=events.put)
+                except BaseException as exc:  # reported below, in the UI thread
+                    outcome["error"] = exc
+                finally:
+                    events.put(None)
 
-                round_id, metrics = ctl.train(config, on_progress=on_progress)
-            except RoundCancelled:
-                return (
-                    "Cancelled; nothing was saved and your picks wait for the next round.",
-                    gr.update(),
-                    counter(),
+            threading.Thread(target=work, daemon=True).start()
+            rows: list[dict] = []
+            while (event := events.get()) is not None:
+                progress(
+                    event.step / event.total,
+                    desc=f"step {event.step}/{event.total}, ETA {event.eta_s:.0f} s",
                 )
-            except USER_ERRORS as exc:
-                return _error(exc), gr.update(), counter()
-            text = (
-                f"Round {round_id} saved and active: loss {metrics['loss']:.4f}, "
-                f"accuracy {metrics['accuracy']:.2f}, {metrics['seconds']:.1f} s."
-            )
-            return text, pd.DataFrame(rows), counter()
+                rows += [
+                    {"step": event.step, "metric": "loss", "value": event.loss},
+                    {"step": event.step, "metric": "accuracy", "value": event.accuracy},
+                ]
+                text = f"Training: step {event.step}/{event.total}, ETA {event.eta_s:.0f} s"
+                yield text, pd.DataFrame(rows), gr.update()
+            error = outcome.get("error")
+            if isinstance(error, RoundCancelled):
+                text = "Cancelled; nothing was saved and your picks wait for the next round."
+                yield text, gr.update(), counter()
+            elif isinstance(error, USER_ERRORS):
+                yield _error(error), gr.update(), counter()
+            elif error is not None:
+                raise error
+            else:
+                round_id, metrics = outcome["result"]
+                text = (
+                    f"Round {round_id} saved and active: loss {metrics['loss']:.4f}, "
+                    f"accuracy {metrics['accuracy']:.2f}, {metrics['seconds']:.1f} s."
+                )
+                yield text, gr.update(), counter()
 
         train_btn.click(
             train,

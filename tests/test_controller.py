@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from d3po_core.trainer import D3POConfig, NoPicksError, RoundCancelled
 from studio.controller import StudioController, StudioError
@@ -119,3 +120,53 @@ def test_cancel_from_another_thread_commits_nothing(ctl):
     worker.join(timeout=300)
     assert errors and ctl.session.last_round() is None
     assert ctl.picks_since_last_round() == 2  # the picks wait for the next round
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    from d3po_core.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="model folder not found"):
+        StudioController(tmp_path / "s", model=str(tmp_path / "no-model"), device="cpu")
+
+
+def test_corrupt_adapter_file_is_reported_and_nothing_lost(ctl):
+    _label(ctl)
+    ctl.train(D3POConfig(epochs=1, batch_size=8))
+    ctl.activate(None)
+    (ctl.session.round_path(1) / "pytorch_lora_weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt or unreadable LoRA"):
+        ctl.activate(1)
+    assert len(ctl.picks()) == 2 and ctl.session.last_round() == 1
+
+
+def test_out_of_memory_becomes_a_clear_message(ctl, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("d3po_core.workflow.sample_grid", oom)
+    with pytest.raises(StudioError, match="out of GPU memory"):
+        ctl.generate("a circle")
+    assert ctl.session.grids_df().empty
+    monkeypatch.undo()
+    assert len(ctl.generate("a circle", seed=1).images) == FAST.n  # the lock was released
+
+
+def test_two_tabs_picking_at_once_lose_and_duplicate_nothing(ctl):
+    grids = [ctl.generate("a circle", seed=s).grid_id for s in (1, 2)]
+    ids: list[int] = []
+
+    def tab(grid_id, name):
+        for _ in range(10):
+            ids.append(ctl.pick(grid_id, 0, 1, labeler=name))
+
+    threads = [
+        threading.Thread(target=tab, args=(g, n))
+        for g, n in zip(grids, ("ana", "ben"), strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    picks = ctl.picks()
+    assert sorted(picks["id"]) == sorted(ids) and len(set(ids)) == 20
+    assert picks.groupby("labeler").size().to_dict() == {"ana": 10, "ben": 10}

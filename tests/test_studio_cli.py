@@ -1,0 +1,30 @@
+"""``python -m studio`` arguments: loopback by default, no open bind without auth."""
+
+from __future__ import annotations
+
+import pytest
+
+from studio.__main__ import parse_args
+
+
+def test_defaults_bind_loopback_without_share():
+    args = parse_args([])
+    assert args.host == "127.0.0.1" and args.port == 7860 and args.auth is None
+
+
+def test_non_loopback_host_without_auth_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--host", "0.0.0.0"])
+    assert exit_.value.code == 2
+    assert "refusing to serve on 0.0.0.0 without --auth" in capsys.readouterr().err
+
+
+def test_non_loopback_host_with_auth_is_allowed():
+    args = parse_args(["--host", "0.0.0.0", "--auth", "ana:secret"])
+    assert args.auth == "ana:secret"
+
+
+def test_auth_needs_user_and_password(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--auth", "justaname"])
+    assert "USER:PASS" in capsys.readouterr().err
