@@ -301,7 +301,7 @@ def build_app(ctl: StudioController) -> gr.Blocks:
             [status],
         )
         labeler.change(lambda name: name, [labeler], [stored_name])
-        app.load(lambda saved: saved or "", [stored_name], [labeler]).then(
+        app.load(lambda saved: saved or gr.update(), [stored_name], [labeler]).then(
             counter, None, [picks_count]
         )
 

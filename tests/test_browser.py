@@ -143,6 +143,10 @@ def test_label_train_compare_in_a_real_browser(studio):
         page.screenshot(path=str(shots / "history.png"), full_page=True)
         page.get_by_role("tab", name="Export").click()
         page.screenshot(path=str(shots / "export.png"), full_page=True)
+        # the labeler's name is remembered by this browser
+        page.reload(wait_until="domcontentloaded")
+        name = page.get_by_label("Your name (saved with every pick)")
+        expect(name).to_have_value("ana", timeout=60_000)
         browser.close()
 
     with Session.open(session_dir) as session:
