@@ -49,10 +49,10 @@ def kohya_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in kohya.items():
         name = key if key.startswith("lora_unet_") else f"lora_unet_{key}"
-        out[name] = value.detach().to(torch.float16).contiguous()
+        out[name] = value.detach().float().contiguous()
     for key in [k for k in out if k.endswith(".lora_down.weight")]:
         alpha_key = key.removesuffix(".lora_down.weight") + ".alpha"
-        out.setdefault(alpha_key, torch.tensor(float(settings.alpha), dtype=torch.float16))
+        out.setdefault(alpha_key, torch.tensor(float(settings.alpha)))
     return out
 
 

@@ -268,6 +268,7 @@ def build_app(ctl: StudioController) -> gr.Blocks:
             [prompt, grid_size],
             [grid, shown, pending_best, grid_info, status],
             concurrency_id="gpu",
+            concurrency_limit=1,
         )
         grid.select(
             select, [shown, pending_best, labeler], [pending_best, status, picks_count, advance]
@@ -276,6 +277,7 @@ def build_app(ctl: StudioController) -> gr.Blocks:
             [advance, prompt, grid_size],
             [grid, shown, pending_best, grid_info, status],
             concurrency_id="gpu",
+            concurrency_limit=1,
         )
         tie_btn.click(
             lambda g, n: mark("tie", g, n), [shown, labeler], [status, picks_count, advance]
@@ -284,6 +286,7 @@ def build_app(ctl: StudioController) -> gr.Blocks:
             [advance, prompt, grid_size],
             [grid, shown, pending_best, grid_info, status],
             concurrency_id="gpu",
+            concurrency_limit=1,
         )
         skip_btn.click(
             lambda g, n: mark("skip", g, n), [shown, labeler], [status, picks_count, advance]
@@ -292,6 +295,7 @@ def build_app(ctl: StudioController) -> gr.Blocks:
             [advance, prompt, grid_size],
             [grid, shown, pending_best, grid_info, status],
             concurrency_id="gpu",
+            concurrency_limit=1,
         )
         undo_btn.click(undo, [labeler], [status, picks_count])
         next_prompt_btn.click(next_prompt, [prompt], [prompt])
@@ -367,6 +371,7 @@ def build_app(ctl: StudioController) -> gr.Blocks:
             [beta, lr, epochs, pairs, reduction, reference, fraction],
             [train_status, curve, picks_count],
             concurrency_id="gpu",
+            concurrency_limit=1,
         )
         cancel_btn.click(
             lambda: (ctl.cancel_training(), "Cancelling…")[1],
@@ -411,12 +416,14 @@ def build_app(ctl: StudioController) -> gr.Blocks:
             [round_pick, compare_prompt, n_seeds],
             [base_gallery, tuned_gallery, status],
             concurrency_id="gpu",
+            concurrency_limit=1,
         )
         pair_btn.click(
             new_pair,
             [round_pick, compare_prompt],
             [left_img, right_img, blind, reveal],
             concurrency_id="gpu",
+            concurrency_limit=1,
         )
         for button, choice in ((left_btn, "left"), (right_btn, "right"), (tie_vote_btn, "tie")):
             button.click(
@@ -479,12 +486,12 @@ def build_app(ctl: StudioController) -> gr.Blocks:
                 return _error(exc)
             return "Base model active." if round_id is None else f"Round {round_id} active."
 
-        activate_btn.click(activate, [activate_pick], [status], concurrency_id="gpu").then(
-            history, None, history_outputs
-        )
-        base_btn.click(lambda: activate(None), None, [status], concurrency_id="gpu").then(
-            history, None, history_outputs
-        )
+        activate_btn.click(
+            activate, [activate_pick], [status], concurrency_id="gpu", concurrency_limit=1
+        ).then(history, None, history_outputs)
+        base_btn.click(
+            lambda: activate(None), None, [status], concurrency_id="gpu", concurrency_limit=1
+        ).then(history, None, history_outputs)
         app.load(history, None, history_outputs)
 
         # -- callbacks: Export ------------------------------------------------------------------
