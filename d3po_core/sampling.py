@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -283,8 +284,6 @@ def sample_grid(
 
     Seeds: image i uses ``seeds[i]`` (default ``seed + i``; a random seed when none given).
     """
-    import time
-
     settings = settings or SampleSettings()
     start = time.perf_counter()
     if seeds is None:

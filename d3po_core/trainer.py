@@ -255,7 +255,10 @@ def _train(pipe, examples, config, params, on_progress, should_cancel, accelerat
     batches = batches[accelerator.process_index :: accelerator.num_processes] or batches[:1]
     dims = math.prod(examples[0].trajectory.latents.shape[2:])
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    model, optimizer = accelerator.prepare(unet, optimizer)
+    # Our own autocast runs the UNet (see sampling.guided_model_output), so the model goes
+    # through accelerate only for data parallelism: prepare() would patch its forward for good.
+    model = accelerator.prepare_model(unet) if accelerator.num_processes > 1 else unet
+    optimizer = accelerator.prepare_optimizer(optimizer)
 
     with torch.no_grad():  # reference log-probs, once, before any update
         set_lora_enabled(unet, config.reference == "previous")
