@@ -213,8 +213,8 @@ def build_app(ctl: StudioController) -> gr.Blocks:
                 view = ctl.generate(
                     text, int(n), on_step=lambda s, t: progress(s / t, desc="sampling")
                 )
-            except USER_ERRORS as exc:
-                return gr.update(), None, None, "", _error(exc)
+            except USER_ERRORS as exc:  # the grid on screen stays as it was
+                return gr.update(), gr.update(), gr.update(), gr.update(), _error(exc)
             return view.images, view.grid_id, None, _grid_caption(view), "Click the **best** image."
 
         def select(grid_id, best, name, evt: gr.SelectData):
@@ -258,9 +258,11 @@ def build_app(ctl: StudioController) -> gr.Blocks:
             return ctl.next_prompt(text) or text
 
         def maybe_next_grid(advance, text, n, progress=gr.Progress()):
+            """After a saved pick: the next grid, for the next prompt of the list if any."""
             if not advance:
-                return gr.update(), gr.update(), gr.update(), gr.update(), gr.update()
-            return show_grid(ctl.next_prompt(text) or text, n, progress)
+                return (gr.update(),) * 6
+            text = ctl.next_prompt(text) or text
+            return (text, *show_grid(text, n, progress))
 
         advance = gr.State(False)
         generate_btn.click(
@@ -275,7 +277,7 @@ def build_app(ctl: StudioController) -> gr.Blocks:
         ).then(
             maybe_next_grid,
             [advance, prompt, grid_size],
-            [grid, shown, pending_best, grid_info, status],
+            [prompt, grid, shown, pending_best, grid_info, status],
             concurrency_id="gpu",
             concurrency_limit=1,
         )
@@ -284,7 +286,7 @@ def build_app(ctl: StudioController) -> gr.Blocks:
         ).then(
             maybe_next_grid,
             [advance, prompt, grid_size],
-            [grid, shown, pending_best, grid_info, status],
+            [prompt, grid, shown, pending_best, grid_info, status],
             concurrency_id="gpu",
             concurrency_limit=1,
         )
@@ -293,7 +295,7 @@ def build_app(ctl: StudioController) -> gr.Blocks:
         ).then(
             maybe_next_grid,
             [advance, prompt, grid_size],
-            [grid, shown, pending_best, grid_info, status],
+            [prompt, grid, shown, pending_best, grid_info, status],
             concurrency_id="gpu",
             concurrency_limit=1,
         )
