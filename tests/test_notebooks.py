@@ -16,6 +16,7 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("D3PO_SESSION", str(tmp_path / "session"))
     monkeypatch.setenv("D3PO_ROUNDS", "2")
+    monkeypatch.setenv("D3PO_GRIDS", "4")
     book = nbformat.read(NOTEBOOKS / name, as_version=4)
     NotebookClient(
         book, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
