@@ -56,7 +56,7 @@ class D3POConfig:
     ratio_clip: float | None = None
     pairs: PairMode = "best-worst"
     timestep_fraction: float = 1.0
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-3
     epochs: int = 2
     batch_size: int = 8
     grad_accum: int = 1

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+# torch processes that share cores (the kill tests' workers) should not spin while they wait
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
     && [ "$(id -u)" = 0 ]; then
   apt-get update -qq

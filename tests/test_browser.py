@@ -1,4 +1,5 @@
-"""End to end in a real headless Chromium: label with mouse and keys, train, compare, vote.
+"""End to end in a real headless Chromium on the embedded model: label with mouse and keys,
+train, compare, vote.
 
 Set D3PO_SCREENSHOTS=docs/screenshots to refresh the README's screenshots.
 """
@@ -40,7 +41,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def studio(tmp_path, tiny_eps):
+def studio(tmp_path):
     port = _free_port()
     env = {
         **os.environ,
@@ -52,8 +53,6 @@ def studio(tmp_path, tiny_eps):
             sys.executable,
             "-m",
             "studio",
-            "--model",
-            str(tiny_eps),
             "--session",
             str(session),
             "--port",
