@@ -38,7 +38,12 @@ def _sampling(parser: argparse.ArgumentParser) -> None:
     d = SampleSettings()
     parser.add_argument("--grid-size", type=int, default=d.n, help="images a grid (2–16)")
     parser.add_argument("--steps", type=int, default=d.steps, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=d.guidance, help="CFG scale")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"CFG scale (default: the model's recommendation, else {d.guidance})",
+    )
     parser.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (> 0 to train)")
     parser.add_argument(
         "--independent-noise",
@@ -98,13 +103,20 @@ def _config(args: argparse.Namespace) -> D3POConfig:
     )
 
 
-def _settings(args: argparse.Namespace) -> SampleSettings:
+def _check_grid_size(args: argparse.Namespace) -> None:
     if not 2 <= args.grid_size <= 16:
         raise ValueError(f"--grid-size {args.grid_size} is out of range (2 to 16)")
+
+
+def _settings(args: argparse.Namespace, pipe) -> SampleSettings:
+    _check_grid_size(args)
+    guidance = args.guidance
+    if guidance is None:
+        guidance = pipe.recommended.get("guidance", SampleSettings().guidance)
     return SampleSettings(
         n=args.grid_size,
         steps=args.steps,
-        guidance=args.guidance,
+        guidance=guidance,
         eta=args.eta,
         shared_noise=not args.independent_noise,
         negative_prompt=args.negative_prompt,
@@ -160,9 +172,10 @@ def _train_bar():
 def cmd_generate(args: argparse.Namespace) -> None:
     from .workflow import generate
 
-    settings = _settings(args)
+    _check_grid_size(args)
     with Session.open(args.session) as session:
         pipe = _load(args, session)
+        settings = _settings(args, pipe)
         bar, on_step = _step_bar("sampling")
         for g in tqdm(range(args.grids), desc="grids", unit="grid"):
             seed = None if args.seed is None else args.seed + g * settings.n
@@ -215,11 +228,12 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     prompts = _prompts(args.prompts)
     eval_prompts = _prompts(args.eval_prompts) if args.eval_prompts else prompts[:4]
     eval_set = EvalSet(eval_prompts, [10_000 + i for i in range(args.eval_seeds)])
-    settings = _settings(args)
+    _check_grid_size(args)
     config = _config(args)
     header = f"{'round':>5} {'base':>10} {'tuned':>10} {'win rate':>9} {'loss':>8} {'acc':>6}"
     with Session.open(args.session) as session:
         pipe = _load(args, session)
+        settings = _settings(args, pipe)
         tqdm.write(
             f"scorer {args.scorer}; eval: {len(eval_prompts)} prompts × {args.eval_seeds} seeds"
         )

@@ -142,7 +142,23 @@ def load_pipeline(
         module.requires_grad_(False)
         module.eval()
     pipe.model_id = name
+    pipe.recommended = recommended_sampling(source) if is_local else {}
     return pipe
+
+
+def recommended_sampling(folder: str | Path) -> dict:
+    """Sampling settings a model folder recommends (``d3po_defaults.json``), e.g. guidance.
+
+    The embedded model is sharpest at guidance 2; SD checkpoints keep the usual 7.5.
+    """
+    path = Path(folder) / "d3po_defaults.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    return {k: v for k, v in data.items() if k in ("guidance", "steps", "eta")}
 
 
 def _explain_load_failure(name: str, is_local: bool, exc: Exception) -> str:

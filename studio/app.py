@@ -185,7 +185,7 @@ def build_app(ctl: StudioController) -> gr.Blocks:
             metrics_plot = gr.LinePlot(
                 x="round", y="value", color="metric", label="Metrics per round", height=240
             )
-            rounds_table = gr.Dataframe(label="Rounds", interactive=False)
+            rounds_table = gr.Dataframe(label="Rounds", interactive=False, elem_id="rounds-table")
             with gr.Row():
                 activate_pick = gr.Dropdown(label="Activate round", choices=[])
                 activate_btn = gr.Button("Activate")
@@ -368,7 +368,7 @@ def build_app(ctl: StudioController) -> gr.Blocks:
                 )
                 yield text, gr.update(), counter()
 
-        train_btn.click(
+        train_event = train_btn.click(
             train,
             [beta, lr, epochs, pairs, reduction, reference, fraction],
             [train_status, curve, picks_count],
@@ -480,6 +480,7 @@ def build_app(ctl: StudioController) -> gr.Blocks:
             rates,
         ]
         refresh_btn.click(history, None, history_outputs)
+        train_event.then(history, None, history_outputs)  # new round in Compare/History
 
         def activate(round_id):
             try:

@@ -73,7 +73,7 @@ class StudioController:
         self.model = str(model or default_model())
         self.pipe = pipe if pipe is not None else load_pipeline(self.model, device=device)
         workflow.sync_active(self.pipe, self.session)
-        self.sample_settings = sample_settings or SampleSettings()
+        self.sample_settings = sample_settings or SampleSettings(**self.pipe.recommended)
         self._gpu = threading.Lock()
         self._cancel = threading.Event()
 

@@ -130,6 +130,7 @@ def test_label_train_compare_in_a_real_browser(studio):
         # compare: a blind pair and a vote
         page.get_by_role("tab", name="History").click()
         page.get_by_role("button", name="Refresh").click()
+        expect(page.locator("#rounds-table")).to_contain_text("true", timeout=60_000)
         page.get_by_role("tab", name="Compare").click()
         page.click("#pair-btn")
         expect(page.locator("#reveal")).to_contain_text("Vote", timeout=120_000)

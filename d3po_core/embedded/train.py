@@ -460,6 +460,8 @@ def export(
         pipe.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tok, merges, tmp / "tokenizer")
         (tmp / "training_info.json").write_text(json.dumps(info, indent=2))
+        # sampling settings the studio and CLI use by default (sharpest at guidance 2)
+        (tmp / "d3po_defaults.json").write_text(json.dumps({"guidance": 2.0}))
         check_tokenizer(
             tmp / "tokenizer", world.WORDS, te.config.bos_token_id, te.config.eos_token_id
         )
