@@ -120,6 +120,19 @@ def test_label_train_compare_in_a_real_browser(studio):
         expect(status).to_contain_text("Saved tie")
         expect(page.locator("#pick-counter")).to_contain_text("3 pick(s)")
 
+        # a second tab on the same session labels too: it sees the first tab's picks
+        other = browser.new_page(viewport={"width": 1280, "height": 1000})
+        other.goto(url, wait_until="domcontentloaded")
+        expect(other.locator("#pick-counter")).to_contain_text("3 pick(s)", timeout=60_000)
+        other.get_by_label("Your name (saved with every pick)").fill("ben")
+        other.click("#generate-btn")
+        expect(other.locator("#status")).to_contain_text("Click the best", timeout=120_000)
+        other.locator("#grid .thumbnail-item").nth(0).click()
+        other.locator("#grid .thumbnail-item").nth(1).click()
+        expect(other.locator("#status")).to_contain_text("Saved pick 5")
+        expect(other.locator("#pick-counter")).to_contain_text("4 pick(s)")
+        other.close()
+
         # train a round
         page.get_by_role("tab", name="Train").click()
         page.screenshot(path=str(shots / "train-before.png"), full_page=True)
@@ -151,8 +164,9 @@ def test_label_train_compare_in_a_real_browser(studio):
 
     with Session.open(session_dir) as session:
         picks = session.picks_df()
-        assert list(picks["kind"]) == ["pick", "pick", "pick", "tie"]
-        assert list(picks["labeler"]) == ["ana"] * 4
+        assert list(picks["kind"]) == ["pick", "pick", "pick", "tie", "pick"]
+        assert list(picks["labeler"]) == ["ana"] * 4 + ["ben"]
+        assert list(picks["id"]) == [1, 2, 3, 4, 5]  # none lost, none duplicated
         assert (list(picks["best"][:3]), list(picks["worst"][:3])) == ([1, 0, 0], [3, 2, 2])
         assert session.last_round() == 1
         assert len(session.comparisons_df()) == 1
