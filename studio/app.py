@@ -272,33 +272,27 @@ def build_app(ctl: StudioController) -> gr.Blocks:
             concurrency_id="gpu",
             concurrency_limit=1,
         )
-        grid.select(
-            select, [shown, pending_best, labeler], [pending_best, status, picks_count, advance]
-        ).then(
-            maybe_next_grid,
-            [advance, prompt, grid_size],
-            [prompt, grid, shown, pending_best, grid_info, status],
-            concurrency_id="gpu",
-            concurrency_limit=1,
-        )
-        tie_btn.click(
-            lambda g, n: mark("tie", g, n), [shown, labeler], [status, picks_count, advance]
-        ).then(
-            maybe_next_grid,
-            [advance, prompt, grid_size],
-            [prompt, grid, shown, pending_best, grid_info, status],
-            concurrency_id="gpu",
-            concurrency_limit=1,
-        )
-        skip_btn.click(
-            lambda g, n: mark("skip", g, n), [shown, labeler], [status, picks_count, advance]
-        ).then(
-            maybe_next_grid,
-            [advance, prompt, grid_size],
-            [prompt, grid, shown, pending_best, grid_info, status],
-            concurrency_id="gpu",
-            concurrency_limit=1,
-        )
+
+        def then_next_grid(event) -> None:
+            """After a saved pick, tie or skip, the next grid comes on its own."""
+            event.then(
+                maybe_next_grid,
+                [advance, prompt, grid_size],
+                [prompt, grid, shown, pending_best, grid_info, status],
+                concurrency_id="gpu",
+                concurrency_limit=1,
+            )
+
+        marked = [pending_best, status, picks_count, advance]
+        then_next_grid(grid.select(select, [shown, pending_best, labeler], marked))
+        for button, kind in ((tie_btn, "tie"), (skip_btn, "skip")):
+            then_next_grid(
+                button.click(
+                    lambda g, n, k=kind: mark(k, g, n),
+                    [shown, labeler],
+                    [status, picks_count, advance],
+                )
+            )
         undo_btn.click(undo, [labeler], [status, picks_count])
         next_prompt_btn.click(next_prompt, [prompt], [prompt])
         add_prompts_btn.click(

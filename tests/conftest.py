@@ -32,3 +32,15 @@ def tiny_v(tmp_path_factory):
 @pytest.fixture
 def pipe(tiny_eps):
     return load_pipeline(tiny_eps, device="cpu")
+
+
+@pytest.fixture
+def ctl(tmp_path, tiny_eps):
+    """A studio controller on the tiny model and a fresh session."""
+    from studio.controller import StudioController
+
+    controller = StudioController(
+        tmp_path / "s", model=str(tiny_eps), device="cpu", sample_settings=FAST
+    )
+    yield controller
+    controller.close()

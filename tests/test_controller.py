@@ -15,15 +15,6 @@ from studio.controller import StudioController, StudioError
 from .conftest import FAST
 
 
-@pytest.fixture
-def ctl(tmp_path, tiny_eps):
-    controller = StudioController(
-        tmp_path / "s", model=str(tiny_eps), device="cpu", sample_settings=FAST
-    )
-    yield controller
-    controller.close()
-
-
 def _label(ctl, count=2, labeler="ana"):
     for i in range(count):
         view = ctl.generate("a red circle", seed=10 * i)

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 from d3po_core.trainer import D3POConfig
-from studio.controller import StudioController
 from studio.panels import ComparePanel, HistoryPanel, LabelPanel, TrainPanel
 
 from .conftest import FAST
-
-
-@pytest.fixture
-def ctl(tmp_path, tiny_eps):
-    controller = StudioController(
-        tmp_path / "s", model=str(tiny_eps), device="cpu", sample_settings=FAST
-    )
-    yield controller
-    controller.close()
 
 
 def test_label_train_compare_history_by_clicks(ctl):
