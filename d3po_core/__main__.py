@@ -1,5 +1,7 @@
 """Headless CLI: ``python -m d3po_core {generate,label,train,simulate,export}``.
 
+``simulate --method ddpo`` trains the DDPO baseline with the scorer as reward.
+
 ``train`` also runs unchanged under ``accelerate launch`` for multi-GPU data parallelism.
 """
 
@@ -14,6 +16,7 @@ from diffusers.utils import logging as diffusers_logging
 from tqdm.auto import tqdm
 
 from .d3po import PairMode
+from .ddpo import DDPOConfig
 from .models import LoraSettings, ModelLoadError, default_model, load_pipeline
 from .sampling import SampleSettings
 from .scorers import ScorerError, load_scorer
@@ -63,10 +66,17 @@ def _d3po(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--pairs", choices=["best-worst", "implied"], default=d.pairs)
     g.add_argument("--timestep-fraction", type=float, default=d.timestep_fraction)
-    g.add_argument("--lr", type=float, default=d.learning_rate)
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="(pair, step) items a call")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    g.add_argument("--lr", type=float, default=None, help=f"learning rate ({d.learning_rate})")
+    g.add_argument("--epochs", type=int, default=None, help=f"passes over the round ({d.epochs})")
+    g.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="(pair, step) items a UNet call"
+    )
+    g.add_argument(
+        "--grad-accum",
+        type=int,
+        default=None,
+        help=f"UNet calls an optimizer step ({d.grad_accum})",
+    )
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     g.add_argument("--reference", choices=["base", "previous"], default=d.reference)
@@ -77,22 +87,52 @@ def _d3po(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train-seed", type=int, default=d.seed)
 
 
+def _ddpo(parser: argparse.ArgumentParser) -> None:
+    d = DDPOConfig()
+    g = parser.add_argument_group(
+        "DDPO round (--method ddpo; --lr, --epochs and --grad-accum default to "
+        f"{d.learning_rate}, {d.epochs} and {d.grad_accum})"
+    )
+    g.add_argument("--method", choices=["d3po", "ddpo"], default="d3po", help="how to train")
+    g.add_argument("--clip-range", type=float, default=d.clip_range, help="PPO's ε")
+    g.add_argument("--adv-clip", type=float, default=d.adv_clip, help="advantage clip")
+
+
+def _ddpo_config(args: argparse.Namespace) -> DDPOConfig:
+    d = DDPOConfig()
+    return DDPOConfig(
+        learning_rate=d.learning_rate if args.lr is None else args.lr,
+        clip_range=args.clip_range,
+        adv_clip=args.adv_clip,
+        timestep_fraction=args.timestep_fraction,
+        epochs=d.epochs if args.epochs is None else args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=d.grad_accum if args.grad_accum is None else args.grad_accum,
+        max_grad_norm=args.max_grad_norm,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.train_seed,
+        lora=LoraSettings(rank=args.rank, alpha=args.alpha),
+    )
+
+
 def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "off", "") else float(text)
 
 
 def _config(args: argparse.Namespace) -> D3POConfig:
     pairs: PairMode = args.pairs
+    d = D3POConfig()
     return D3POConfig(
         beta=args.beta,
         reduction=args.reduction,
         ratio_clip=args.ratio_clip,
         pairs=pairs,
         timestep_fraction=args.timestep_fraction,
-        learning_rate=args.lr,
-        epochs=args.epochs,
+        learning_rate=d.learning_rate if args.lr is None else args.lr,
+        epochs=d.epochs if args.epochs is None else args.epochs,
         batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
+        grad_accum=d.grad_accum if args.grad_accum is None else args.grad_accum,
         max_grad_norm=args.max_grad_norm,
         mixed_precision=args.mixed_precision,
         reference=args.reference,
@@ -229,7 +269,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     eval_prompts = _prompts(args.eval_prompts) if args.eval_prompts else prompts[:4]
     eval_set = EvalSet(eval_prompts, [10_000 + i for i in range(args.eval_seeds)])
     _check_grid_size(args)
-    config = _config(args)
+    config = _ddpo_config(args) if args.method == "ddpo" else _config(args)
     header = f"{'round':>5} {'base':>10} {'tuned':>10} {'win rate':>9} {'loss':>8} {'acc':>6}"
     with Session.open(args.session) as session:
         pipe = _load(args, session)
@@ -277,7 +317,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             "eval_prompts": eval_prompts,
             "eval_seeds": eval_set.seeds,
             "sample_settings": settings.__dict__,
-            "d3po": config.to_dict(),
+            "method": args.method,
+            args.method: config.to_dict(),
             "rounds": table,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2))
@@ -336,7 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _sampling(p)
     _d3po(p)
-    p.add_argument("--scorer", required=True, help="built-in name, pkg.module:fn or file.py:fn")
+    _ddpo(p)
+    p.add_argument(
+        "--scorer",
+        required=True,
+        help="built-in name, pkg.module:fn or file.py:fn (D3PO: its ranking; DDPO: its values)",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--grids", type=int, default=8, help="grids a round")
     p.add_argument("--prompts", required=True, help="a prompts file (one a line) or one prompt")

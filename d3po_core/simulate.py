@@ -1,4 +1,7 @@
-"""Scripted preference rounds: grids → a scorer's best/worst → one D3PO round, repeated.
+"""Scripted rounds: grids → a scorer → one training round, repeated.
+
+With a :class:`D3POConfig` the scorer only ranks each grid (its best and worst become a pick);
+with a :class:`~d3po_core.ddpo.DDPOConfig` its values are DDPO's rewards.
 
 After each round the scorer is measured on a fixed evaluation set (fixed prompts × fixed
 seeds, each image drawn from its own seed), for the base model and the current adapter on the
@@ -12,12 +15,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from .ddpo import DDPOConfig
 from .models import base_model, has_lora
 from .sampling import SampleSettings, sample_grid
 from .scorers import Scorer, score_images
 from .session import Session
 from .trainer import D3POConfig, ProgressEvent
-from .workflow import generate, label_with_scorer, train_round
+from .workflow import generate, label_with_scorer, train_ddpo_round, train_round
 
 
 @dataclass
@@ -55,16 +59,18 @@ def simulate(
     rounds: int,
     grids: int,
     settings: SampleSettings,
-    config: D3POConfig,
+    config: D3POConfig | DDPOConfig,
     eval_set: EvalSet,
     seed: int = 0,
     on_grid: Callable[[int, int], None] | None = None,
     on_progress: Callable[[ProgressEvent], None] | None = None,
     on_round: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Run ``rounds`` of (``grids`` grids → scripted picks → one round); one table row a round.
+    """Run ``rounds`` of (``grids`` grids → scorer → one round); one table row a round.
 
-    Row 0 is the starting point (the session's active adapter, or the base model).
+    D3PO trains on the scorer's best/worst of each grid, DDPO on its values (by the type of
+    ``config``). Row 0 is the starting point (the session's active adapter, or the base
+    model); each row counts the images sampled for training so far.
     """
     with base_model(pipe.unet):
         base_scores = evaluate(pipe, scorer, eval_set, settings)
@@ -81,8 +87,10 @@ def simulate(
             "loss": metrics.get("loss"),
             "accuracy": metrics.get("accuracy"),
             "seconds": seconds,
+            "images_sampled": sampled,
         }
 
+    sampled = 0
     table = [row(session.active_round or 0, start_scores, {}, 0.0)]
     if on_round is not None:
         on_round(table[0])
@@ -90,13 +98,25 @@ def simulate(
     grid_seed = seed
     for _ in range(rounds):
         start = time.perf_counter()
+        rewarded = []
         for g in range(grids):
-            grid_id, _grid = generate(pipe, session, next(prompt_cycle), settings, seed=grid_seed)
+            grid_id, grid = generate(pipe, session, next(prompt_cycle), settings, seed=grid_seed)
             grid_seed += settings.n
-            label_with_scorer(session, grid_id, scorer)
+            sampled += settings.n
+            if isinstance(config, DDPOConfig):
+                rewarded.append(
+                    (grid_id, score_images(scorer, grid.images, grid.trajectory.prompt))
+                )
+            else:
+                label_with_scorer(session, grid_id, scorer)
             if on_grid is not None:
                 on_grid(g + 1, grids)
-        round_id, metrics = train_round(pipe, session, config, on_progress=on_progress)
+        if isinstance(config, DDPOConfig):
+            round_id, metrics = train_ddpo_round(
+                pipe, session, rewarded, config, on_progress=on_progress
+            )
+        else:
+            round_id, metrics = train_round(pipe, session, config, on_progress=on_progress)
         scores = evaluate(pipe, scorer, eval_set, settings)
         table.append(row(round_id, scores, metrics, time.perf_counter() - start))
         if on_round is not None:

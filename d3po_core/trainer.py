@@ -126,7 +126,7 @@ class RoundResult:
 @dataclass
 class _Batch:
     key: tuple
-    items: list[tuple[int, int, int, int]]  # (example, winner, loser, step index)
+    items: list[tuple]  # D3PO: (example, winner, loser, step); DDPO: (example, image, step)
     ref_w: torch.Tensor | None = None
     ref_l: torch.Tensor | None = None
 
@@ -147,51 +147,73 @@ def build_items(examples: list[Example], config: D3POConfig) -> list[tuple[int, 
 
 def _batches(examples: list[Example], items: list, config: D3POConfig) -> list[_Batch]:
     """Chunk items into batches that share the sampling settings the step math depends on."""
+    trajectories = [ex.trajectory for ex in examples]
+    return make_batches(trajectories, items, config.batch_size, config.seed)
+
+
+def make_batches(
+    trajectories: list[Trajectory], items: list[tuple], batch_size: int, seed: int
+) -> list[_Batch]:
+    """Shuffled batches of items (``item[0]`` indexes ``trajectories``) with one settings key."""
     groups: dict[tuple, list] = defaultdict(list)
     for item in items:
-        s = examples[item[0]].trajectory.settings
-        has_neg = examples[item[0]].trajectory.negative_embeds is not None
-        groups[(s.steps, s.guidance, s.eta, has_neg)].append(item)
-    rng = random.Random(config.seed)
+        groups[settings_key(trajectories[item[0]])].append(item)
+    rng = random.Random(seed)
     batches = []
     for key, group in groups.items():
         rng.shuffle(group)
-        for i in range(0, len(group), config.batch_size):
-            batches.append(_Batch(key=key, items=group[i : i + config.batch_size]))
+        for i in range(0, len(group), batch_size):
+            batches.append(_Batch(key=key, items=group[i : i + batch_size]))
     rng.shuffle(batches)
     return batches
 
 
-def _policy_log_probs(
-    pipe, examples: list[Example], batch: _Batch
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(x_{t−1}|x_t) of the winner and loser side of each item, one UNet call."""
+def log_probs_of(
+    pipe, trajectories: list[Trajectory], key: tuple, rows: list[tuple[int, int, int]]
+) -> torch.Tensor:
+    """log π(x_{t−1}|x_t) for each (trajectory, image, step) row, in one UNet call.
+
+    ``key`` is the batch's (steps, guidance, eta, has negative prompt), shared by every row.
+    """
     unet, scheduler = pipe.unet, pipe.scheduler
     device = unet.device
-    steps, guidance, eta, has_neg = batch.key
+    steps, guidance, eta, has_neg = key
     scheduler.set_timesteps(steps, device=device)
     x_t, x_prev, ts, cond, uncond = [], [], [], [], []
-    for side in (1, 2):  # winner column, then loser column
-        for item in batch.items:
-            traj = examples[item[0]].trajectory
-            idx, k = item[side], item[3]
-            x_t.append(traj.latents[idx, k])
-            x_prev.append(traj.latents[idx, k + 1])
-            ts.append(traj.timesteps[k])
-            cond.append(traj.prompt_embeds[0])
-            if has_neg:
-                uncond.append(traj.negative_embeds[0])
+    for e, idx, k in rows:
+        traj = trajectories[e]
+        x_t.append(traj.latents[idx, k])
+        x_prev.append(traj.latents[idx, k + 1])
+        ts.append(traj.timesteps[k])
+        cond.append(traj.prompt_embeds[0])
+        if has_neg:
+            uncond.append(traj.negative_embeds[0])
     x_t = torch.stack(x_t).to(device)
     x_prev = torch.stack(x_prev).to(device)
     ts = torch.stack(ts).to(device)
     cond = torch.stack(cond).to(device)
     uncond_t = torch.stack(uncond).to(device) if has_neg else None
     out = guided_model_output(unet, x_t, ts, cond, uncond_t, guidance)
-    logp = ddim_step(scheduler, out, ts, x_t, eta, prev_sample=x_prev).log_prob
-    return logp.chunk(2)
+    return ddim_step(scheduler, out, ts, x_t, eta, prev_sample=x_prev).log_prob
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def settings_key(traj: Trajectory) -> tuple:
+    """What the step math of a trajectory depends on; a UNet call mixes only equal keys."""
+    s = traj.settings
+    return (s.steps, s.guidance, s.eta, traj.negative_embeds is not None)
+
+
+def _policy_log_probs(
+    pipe, examples: list[Example], batch: _Batch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(x_{t−1}|x_t) of the winner and loser side of each item, one UNet call."""
+    rows = [(e, win, k) for e, win, _lose, k in batch.items]
+    rows += [(e, lose, k) for e, _win, lose, k in batch.items]
+    trajectories = [ex.trajectory for ex in examples]
+    return log_probs_of(pipe, trajectories, batch.key, rows).chunk(2)
+
+
+def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -216,6 +238,18 @@ def run_round(
     config.validate()
     if not examples:
         raise NoPicksError("no picks to train on: label some grids (best and worst) first")
+    return train_adapter(
+        pipe,
+        config,
+        lambda params: _train(
+            pipe, examples, config, params, on_progress, should_cancel, accelerator
+        ),
+    )
+
+
+def train_adapter(pipe, config, train: Callable[[list[torch.nn.Parameter]], RoundResult]):
+    """Run ``train(lora_params)`` on the pipeline's adapter (added if missing); on cancel or
+    error the adapter weights are restored to their state before the call."""
     unet = pipe.unet
     if not has_lora(unet):
         add_lora(unet, config.lora)
@@ -223,7 +257,7 @@ def run_round(
     params = lora_parameters(unet)
     snapshot = [p.detach().clone() for p in params]
     try:
-        return _train(pipe, examples, config, params, on_progress, should_cancel, accelerator)
+        return train(params)
     except BaseException:
         with torch.no_grad():
             for p, saved in zip(params, snapshot, strict=True):
@@ -236,36 +270,48 @@ def run_round(
         unet.eval()
 
 
-def _train(pipe, examples, config, params, on_progress, should_cancel, accelerator) -> RoundResult:
-    start = time.perf_counter()
-    unet = pipe.unet
+def make_accelerator(config, unet) -> Accelerator:
+    """accelerate's Accelerator for a round's precision and gradient accumulation."""
     device = unet.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    if accelerator is None:
-        precision = config.mixed_precision or _precision_of(unet.dtype, device)
-        accelerator = Accelerator(
-            mixed_precision=precision,
-            gradient_accumulation_steps=config.grad_accum,
-            cpu=device.type == "cpu",
-        )
-    items = build_items(examples, config)
-    batches = _batches(examples, items, config)
-    # Each process of a multi-GPU launch trains on its own share of the batches.
-    batches = batches[accelerator.process_index :: accelerator.num_processes] or batches[:1]
-    dims = math.prod(examples[0].trajectory.latents.shape[2:])
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    # Our own autocast runs the UNet (see sampling.guided_model_output), so the model goes
-    # through accelerate only for data parallelism: prepare() would patch its forward for good.
+    precision = config.mixed_precision or _precision_of(unet.dtype, device)
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=device.type == "cpu",
+    )
+
+
+@dataclass
+class _Loop:
+    history: list[dict]
+    final: dict[str, torch.Tensor]  # per-item terms of the last epoch, concatenated
+    grad_norm: float
+    optimizer_steps: int
+
+
+def optimize(
+    pipe,
+    batches: list[_Batch],
+    config,
+    params: list[torch.nn.Parameter],
+    objective: Callable[[_Batch], dict[str, torch.Tensor]],
+    *,
+    accelerator: Accelerator,
+    start: float,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> _Loop:
+    """Epochs of AdamW steps on the LoRA ``params``.
+
+    ``objective(batch)`` returns per-item tensors: ``loss`` (minimised through its mean),
+    ``accuracy`` (shown in progress) and any other terms; each history record averages them
+    over an optimizer step. ``config`` gives learning_rate, epochs, grad_accum, max_grad_norm,
+    gradient_checkpointing and seed.
+    """
+    unet = pipe.unet
     model = accelerator.prepare_model(unet) if accelerator.num_processes > 1 else unet
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     optimizer = accelerator.prepare_optimizer(optimizer)
-
-    with torch.no_grad():  # reference log-probs, once, before any update
-        set_lora_enabled(unet, config.reference == "previous")
-        for batch in batches:
-            batch.ref_w, batch.ref_l = _policy_log_probs(pipe, examples, batch)
-        set_lora_enabled(unet, True)
-
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()
@@ -273,7 +319,7 @@ def _train(pipe, examples, config, params, on_progress, should_cancel, accelerat
     history: list[dict] = []
     rng = random.Random(config.seed + 1)
     step, window, norms = 0, [], []
-    final_terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    final: list[dict[str, torch.Tensor]] = []
     for epoch in range(config.epochs):
         order = list(batches)
         rng.shuffle(order)
@@ -281,30 +327,15 @@ def _train(pipe, examples, config, params, on_progress, should_cancel, accelerat
             if should_cancel is not None and should_cancel():
                 raise RoundCancelled("round cancelled; the adapter is unchanged")
             with accelerator.accumulate(model):
-                logp_w, logp_l = _policy_log_probs(pipe, examples, batch)
-                terms = d3po_loss(
-                    logp_w,
-                    batch.ref_w,
-                    logp_l,
-                    batch.ref_l,
-                    dims=dims,
-                    beta=config.beta,
-                    reduction=config.reduction,
-                    ratio_clip=config.ratio_clip,
-                )
-                loss = terms.loss.mean()
+                terms = objective(batch)
+                loss = terms["loss"].mean()
                 if not torch.isfinite(loss):
                     raise FloatingPointError("the loss is not finite; lower the learning rate")
                 accelerator.backward(loss)
-                window.append(terms)
+                detached = {k: v.detach() for k, v in terms.items()}
+                window.append(detached)
                 if epoch == config.epochs - 1:
-                    final_terms.append(
-                        (
-                            terms.delta.detach(),
-                            terms.log_ratio_w.detach(),
-                            terms.log_ratio_l.detach(),
-                        )
-                    )
+                    final.append(detached)
                 if accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
                     norms.append(float(norm))
@@ -312,41 +343,84 @@ def _train(pipe, examples, config, params, on_progress, should_cancel, accelerat
                 optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients or i == len(order) - 1:
                 step += 1
-                record = _window_record(window, step, epoch)
+                record = {"step": step, "epoch": epoch}
+                for k in window[0]:
+                    record[k] = float(torch.cat([w[k] for w in window]).double().mean())
                 history.append(record)
                 window = []
                 elapsed = time.perf_counter() - start
                 if on_progress is not None:
                     eta = elapsed / step * max(total - step, 0)
                     on_progress(ProgressEvent(step, total, record["loss"], record["accuracy"], eta))
-    deltas = torch.cat([t[0] for t in final_terms]).double()
-    ratios = torch.cat([torch.cat([t[1], t[2]]) for t in final_terms]).double()
+    final_terms = {k: torch.cat([f[k] for f in final]).double() for k in final[0]}
+    return _Loop(history, final_terms, sum(norms) / max(len(norms), 1), step)
+
+
+def _train(pipe, examples, config, params, on_progress, should_cancel, accelerator) -> RoundResult:
+    start = time.perf_counter()
+    unet = pipe.unet
+    device = unet.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    accelerator = accelerator or make_accelerator(config, unet)
+    items = build_items(examples, config)
+    batches = _batches(examples, items, config)
+    # Each process of a multi-GPU launch trains on its own share of the batches.
+    batches = batches[accelerator.process_index :: accelerator.num_processes] or batches[:1]
+    dims = math.prod(examples[0].trajectory.latents.shape[2:])
+
+    with torch.no_grad():  # reference log-probs, once, before any update
+        set_lora_enabled(unet, config.reference == "previous")
+        for batch in batches:
+            batch.ref_w, batch.ref_l = _policy_log_probs(pipe, examples, batch)
+        set_lora_enabled(unet, True)
+
+    def objective(batch: _Batch) -> dict[str, torch.Tensor]:
+        logp_w, logp_l = _policy_log_probs(pipe, examples, batch)
+        terms = d3po_loss(
+            logp_w,
+            batch.ref_w,
+            logp_l,
+            batch.ref_l,
+            dims=dims,
+            beta=config.beta,
+            reduction=config.reduction,
+            ratio_clip=config.ratio_clip,
+        )
+        return {
+            "loss": terms.loss,
+            "accuracy": (terms.delta > 0).float(),
+            "mean_delta": terms.delta,
+            "half_sq_ratio": 0.25 * (terms.log_ratio_w**2 + terms.log_ratio_l**2),
+        }
+
+    loop = optimize(
+        pipe,
+        batches,
+        config,
+        params,
+        objective,
+        accelerator=accelerator,
+        start=start,
+        on_progress=on_progress,
+        should_cancel=should_cancel,
+    )
+    history = [{k: v for k, v in h.items() if k != "half_sq_ratio"} for h in loop.history]
+    final = loop.final
     metrics = {
         "loss": sum(h["loss"] for h in history) / len(history),
         "loss_last": history[-1]["loss"],
-        "accuracy": float((deltas > 0).double().mean()),
-        "mean_delta": float(deltas.mean()),
-        "grad_norm": sum(norms) / max(len(norms), 1),
-        "kl": float(0.5 * (ratios**2).mean()),
+        "accuracy": float(final["accuracy"].mean()),
+        "mean_delta": float(final["mean_delta"].mean()),
+        "grad_norm": loop.grad_norm,
+        "kl": float(final["half_sq_ratio"].mean()),
         "seconds": time.perf_counter() - start,
-        "peak_memory_mb": _peak_memory_mb(device),
+        "peak_memory_mb": peak_memory_mb(device),
         "picks": len(examples),
         "items": len(items),
-        "optimizer_steps": step,
+        "optimizer_steps": loop.optimizer_steps,
     }
     return RoundResult(metrics=metrics, history=history)
-
-
-def _window_record(window: list, step: int, epoch: int) -> dict:
-    loss = torch.cat([t.loss.detach() for t in window])
-    delta = torch.cat([t.delta.detach() for t in window])
-    return {
-        "step": step,
-        "epoch": epoch,
-        "loss": float(loss.mean()),
-        "accuracy": float((delta > 0).double().mean()),
-        "mean_delta": float(delta.mean()),
-    }
 
 
 def _precision_of(dtype: torch.dtype, device: torch.device) -> str:

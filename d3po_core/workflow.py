@@ -6,13 +6,17 @@ commit its adapter; activate a round (or the base model) in the pipeline.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from .models import load_lora, remove_lora, save_lora
 from .sampling import Grid, SampleSettings, Trajectory, sample_grid
 from .scorers import Scorer, score_images, scripted_pick
 from .session import Session
 from .trainer import D3POConfig, Example, NoPicksError, ProgressEvent, run_round
+
+if TYPE_CHECKING:
+    from .ddpo import DDPOConfig
 
 
 def activate(pipe, session: Session, round_id: int | None) -> None:
@@ -130,5 +134,37 @@ def train_round(
         settings=config.to_dict(),
         metrics={**result.metrics, "history": result.history},
         last_pick_id=last_pick_id,
+    )
+    return round_id, result.metrics
+
+
+def train_ddpo_round(
+    pipe,
+    session: Session,
+    rewarded: Sequence[tuple[int, Sequence[float]]],
+    config: DDPOConfig | None = None,
+    *,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> tuple[int, dict]:
+    """One DDPO round on stored grids with a reward per image, committed as a session round.
+
+    ``rewarded`` holds (grid id, rewards). The round consumes no picks: the next D3PO round
+    still trains on every pick made since the last D3PO round.
+    """
+    from .ddpo import DDPOConfig, RewardExample, run_ddpo_round
+
+    config = config or DDPOConfig()
+    examples = [RewardExample(load_trajectory(session, g), list(r)) for g, r in rewarded]
+    result = run_ddpo_round(
+        pipe, examples, config, on_progress=on_progress, should_cancel=should_cancel
+    )
+    rounds = session.rounds_df()
+    last_pick_id = int(rounds["last_pick_id"].iloc[-1]) if len(rounds) else 0
+    tmp = session.new_round_dir()
+    save_lora(pipe.unet, tmp)
+    metrics = {**result.metrics, "history": result.history, "grid_ids": [g for g, _ in rewarded]}
+    round_id = session.commit_round(
+        tmp, settings=config.to_dict(), metrics=metrics, last_pick_id=last_pick_id
     )
     return round_id, result.metrics

@@ -121,6 +121,25 @@ def test_simulate_prints_a_table_and_writes_json(tiny_eps, tmp_path, capsys):
     assert "win rate" in printed and len(printed.splitlines()) >= 5
 
 
+def test_simulate_ddpo_trains_on_the_scorer_values(tiny_eps, tmp_path):
+    out = tmp_path / "ddpo.json"
+    args = ["simulate", "--session", str(tmp_path / "s"), "--model", str(tiny_eps)]
+    args += ["--method", "ddpo", "--scorer", "jpeg_compressibility", "--rounds", "2"]
+    args += ["--grids", "2", "--prompts", "a red circle", "--eval-seeds", "2"]
+    args += ["--json", str(out), *SMALL]
+    assert main(args) == 0
+    payload = json.loads(out.read_text())
+    assert payload["method"] == "ddpo" and payload["ddpo"]["clip_range"] == 1e-4
+    table = payload["rounds"]
+    assert [row["images_sampled"] for row in table] == [0, 2 * 2, 4 * 2]  # 2 grids of 2 a round
+    with Session.open(tmp_path / "s", create=False) as session:
+        rounds = session.rounds_df()
+        assert list(rounds["setting_method"]) == ["ddpo", "ddpo"]
+        assert rounds["metric_clipfrac"].notna().all()
+        # DDPO rounds use rewards, not picks: no pick was made, none consumed
+        assert len(session.picks_df()) == 0 and list(rounds["last_pick_id"]) == [0, 0]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -73,6 +73,12 @@ class Config:
     text_hidden: int = 96
     text_layers: int = 3
     unet_channels: tuple[int, ...] = (64, 96)
+    # refinement: continue from the main phase with a loss that weighs the shape's own latent
+    # pixels more (shape colour is a small part of the image) and Min-SNR timestep weights
+    refine_steps: int = 6_000
+    refine_lr: float = 3e-4
+    shape_weight: float = 4.0
+    min_snr_gamma: float = 5.0
 
 
 def log(msg: str) -> None:
@@ -346,6 +352,137 @@ def _captions(attrs: np.ndarray, cfg: Config, gen: torch.Generator) -> list[str]
     return out
 
 
+def _batch(
+    cfg: Config,
+    latents: tuple[torch.Tensor, torch.Tensor, float],
+    attrs: np.ndarray,
+    tok: CLIPTokenizer,
+    alphas: torch.Tensor,
+    gen: torch.Generator,
+    device: str,
+) -> tuple[torch.Tensor, ...]:
+    """One training batch: indices, noisy latents, timesteps, the noise and caption ids."""
+    mean, std, scale = latents
+    idx = torch.randint(len(mean), (cfg.batch,), generator=gen)
+    eps_z = torch.randn(mean[idx].shape, generator=gen)
+    z0 = ((mean[idx] + std[idx] * eps_z) * scale).to(device)
+    noise = torch.randn(z0.shape, generator=gen).to(device)
+    t = torch.randint(0, 1000, (cfg.batch,), generator=gen).to(device)
+    a = alphas[t].view(-1, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    ids = tok(
+        _captions(attrs[idx.numpy()], cfg, gen),
+        padding="max_length",
+        max_length=cfg.max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return idx, zt, t, noise, ids.to(device)
+
+
+def shape_coverage(images: np.ndarray, attrs: np.ndarray, factor: int = 8) -> torch.Tensor:
+    """Fraction of each latent pixel's ``factor``x``factor`` patch covered by the shape.
+
+    The shape is every pixel that differs from the image's (known) background colour.
+    Returns float32 (N, 1, 64/factor, 64/factor).
+    """
+    backgrounds = np.asarray([world.BACKGROUNDS[b] for b in CHOICES["background"]], np.int16)
+    out = []
+    for start in range(0, len(images), 1024):
+        img = images[start : start + 1024].astype(np.int16)
+        bg = backgrounds[attrs[start : start + 1024, ATTRS.index("background")]]
+        mask = (np.abs(img - bg[:, None, None, :]).max(axis=-1) > 8).astype(np.float32)
+        n, h, w = mask.shape
+        pooled = mask.reshape(n, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
+        out.append(torch.from_numpy(pooled[:, None]))
+    return torch.cat(out)
+
+
+def refine_unet(
+    cfg: Config,
+    latents: tuple[torch.Tensor, torch.Tensor, float],
+    images: np.ndarray,
+    attrs: np.ndarray,
+    tok: CLIPTokenizer,
+    work: Path,
+    vae: AutoencoderKL,
+    merges: list[tuple[str, str]],
+    device: str,
+    snapshot_every: int,
+    eval_n: int,
+) -> tuple[UNet2DConditionModel, CLIPTextModel, float]:
+    """Continue the main phase: shape-weighted, Min-SNR-weighted epsilon loss (resumable).
+
+    Starts from the main phase's final weights and EMA; a fresh optimizer, its own seeded
+    generator and a warmup-then-cosine schedule at ``refine_lr``. Returns the EMA copies.
+    """
+    scale = latents[2]
+    te = make_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id).to(device)
+    unet = make_unet(cfg).to(device)
+    ema_te = copy.deepcopy(te).requires_grad_(False)
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    mods = {"unet": unet, "text_encoder": te, "ema_unet": ema_unet, "ema_text_encoder": ema_te}
+    main = _existing(work / "unet")
+    if main is None:
+        raise RuntimeError("the main phase has no checkpoint to refine")
+    for name, mod in mods.items():
+        mod.load_state_dict(load_file(main / f"{name}.safetensors"))
+    params = [*unet.parameters(), *te.parameters()]
+    ema_params = [*ema_unet.parameters(), *ema_te.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.refine_lr, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    ckpt = work / "refine"
+    state = load_checkpoint(ckpt, mods, opt, gen) or {"step": 0}
+    step, t0 = state["step"], time.time()
+    if 0 < step < cfg.refine_steps:
+        log(f"resumed refinement at step {step}")
+    coverage = shape_coverage(images, attrs).to(device)
+    alphas = make_noise_scheduler().alphas_cumprod.to(device)
+    snr = alphas / (1 - alphas)
+    snr_weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+    t_last, done_last, losses = time.time(), step, []
+    every = max(1, min(200, cfg.refine_steps // 20))
+    while step < cfg.refine_steps:
+        idx, zt, t, noise, ids = _batch(cfg, latents, attrs, tok, alphas, gen, device)
+        err = (unet(zt, t, te(ids)[0]).sample - noise).pow(2)
+        weight = (1.0 + cfg.shape_weight * coverage[idx.to(device)]) * snr_weight[t].view(
+            -1, 1, 1, 1
+        )
+        loss = (weight * err).mean()
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg.refine_steps, cfg.refine_lr, cfg.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - cfg.ema_decay)
+        losses.append(loss.item())
+        if step % every == 0 or step == cfg.refine_steps:
+            rate = (step - done_last) / (time.time() - t_last)
+            eta = (cfg.refine_steps - step) / max(rate, 1e-9) / 60
+            log(
+                f"refine step {step}/{cfg.refine_steps} loss {np.mean(losses):.4f} "
+                f"{rate:.2f} steps/s eta {eta:.0f} min"
+            )
+            t_last, done_last, losses = time.time(), step, []
+            seconds = state.get("seconds", 0.0) + time.time() - t0
+            save_checkpoint(ckpt, mods, opt, gen, {"step": step, "seconds": seconds})
+        if snapshot_every and step % snapshot_every == 0 and step < cfg.refine_steps:
+            snap = work / "snapshot"
+            export(snap, vae, ema_te, tok, merges, ema_unet, scale, {"refine_step": step})
+            if eval_n:
+                t_eval = time.time()
+                result = run_eval(snap, eval_n, device)
+                took = time.time() - t_eval
+                log(f"eval at refine step {step}: {json.dumps(result)} ({took:.0f}s)")
+            t_last = time.time()
+    state = json.loads(((_existing(ckpt) or ckpt) / "state.json").read_text())
+    log(f"refinement done ({state.get('seconds', 0):.0f}s of training)")
+    return ema_unet.eval(), ema_te.eval(), state.get("seconds", 0.0)
+
+
 def train_unet(
     cfg: Config,
     latents: tuple[torch.Tensor, torch.Tensor, float],
@@ -359,7 +496,7 @@ def train_unet(
     eval_n: int,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, float]:
     """Train (or resume) text encoder + UNet; returns their EMA copies and the seconds."""
-    mean, std, scale = latents
+    scale = latents[2]
     torch.manual_seed(cfg.seed + 2)
     te = make_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id).to(device)
     unet = make_unet(cfg).to(device)
@@ -380,22 +517,8 @@ def train_unet(
     t_last, done_last, losses = time.time(), step, []
     every = max(1, min(200, cfg.steps // 20))
     while step < cfg.steps:
-        idx = torch.randint(len(mean), (cfg.batch,), generator=gen)
-        eps_z = torch.randn(mean[idx].shape, generator=gen)
-        z0 = ((mean[idx] + std[idx] * eps_z) * scale).to(device)
-        noise = torch.randn(z0.shape, generator=gen).to(device)
-        t = torch.randint(0, 1000, (cfg.batch,), generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        ids = tok(
-            _captions(attrs[idx.numpy()], cfg, gen),
-            padding="max_length",
-            max_length=cfg.max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        cond = te(ids.to(device))[0]
-        loss = F.mse_loss(unet(zt, t, cond).sample, noise)
+        idx, zt, t, noise, ids = _batch(cfg, latents, attrs, tok, alphas, gen, device)
+        loss = F.mse_loss(unet(zt, t, te(ids)[0]).sample, noise)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         opt.zero_grad(set_to_none=True)
@@ -492,6 +615,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=Config.steps, help="UNet steps")
+    p.add_argument(
+        "--refine-steps", type=int, default=Config.refine_steps, help="refinement steps (0 = none)"
+    )
     p.add_argument("--vae-steps", type=int, default=Config.vae_steps)
     p.add_argument("--images", type=int, default=Config.images)
     p.add_argument("--threads", type=int, default=2)
@@ -509,7 +635,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval_only:
         print(json.dumps(run_eval(args.out, args.eval_n, args.device, args.guidance), indent=2))
         return
-    cfg = Config(seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, images=args.images)
+    cfg = Config(
+        seed=args.seed,
+        steps=args.steps,
+        refine_steps=args.refine_steps,
+        vae_steps=args.vae_steps,
+        images=args.images,
+    )
     out, work = args.out, args.out / "_work"
     work.mkdir(parents=True, exist_ok=True)
     lock = open(work / "lock", "w")  # noqa: SIM115 - held for the whole run
@@ -543,6 +675,21 @@ def main(argv: list[str] | None = None) -> None:
         args.snapshot_every,
         args.eval_n // 2,
     )
+    if cfg.refine_steps:
+        unet, te, refine_seconds = refine_unet(
+            cfg,
+            latents,
+            images,
+            attrs,
+            tok,
+            work,
+            vae,
+            merges,
+            args.device,
+            args.snapshot_every,
+            args.eval_n // 2,
+        )
+        unet_seconds += refine_seconds
     command = " ".join(
         ["python -m d3po_core.embedded.train", *(sys.argv[1:] if argv is None else argv)]
     )
