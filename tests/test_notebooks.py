@@ -31,3 +31,4 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
         assert "Round 1 saved" in outputs and "Left was" in outputs
     else:
         assert "jpeg_compressibility" in outputs and "jpeg_incompressibility" in outputs
+        assert "jpeg_compressibility D3PO" in outputs and "jpeg_compressibility DDPO" in outputs

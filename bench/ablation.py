@@ -1,0 +1,136 @@
+"""Ablation that sets the D3PO defaults (and DDPO's learning rate) on the embedded model.
+
+    python bench/ablation.py [--seeds 2] [--rounds 4] [--part 1/2] [--report-only]
+
+JPEG compressibility; every variant changes one thing from the defaults and sees the same
+number of sampled images (32 a round: 8 grids of 4, 16 of 2 or 4 of 8). Runs are cached in
+bench/results/learning next to bench/learning.py's, which share the "d3po" and "ddpo" runs.
+Prints the markdown table of docs/benchmarks.md and writes docs/img/ablation.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import torch
+from runs import ROOT, load_results, machine, run_specs, spec
+
+OBJECTIVE = "jpeg_compressibility"
+
+#: variant -> (method, config overrides, sampling overrides, what it tests)
+VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
+    "d3po": ("d3po", {}, {}, "defaults: sum, β 0.1, no clip, shared x_T, best-worst, 4-grids"),
+    "beta-0.02": ("d3po", {"beta": 0.02}, {}, "sum, β 0.02"),
+    "beta-0.5": ("d3po", {"beta": 0.5}, {}, "sum, β 0.5"),
+    "mean": ("d3po", {"reduction": "mean"}, {}, "per-dimension mean log-prob, β 0.1"),
+    "mean-clip": (
+        "d3po",
+        {"reduction": "mean", "ratio_clip": 0.1},
+        {},
+        "official code: mean, β 0.1, ratio clip 0.1",
+    ),
+    "clip": ("d3po", {"ratio_clip": 0.1}, {}, "sum with ratio clip 0.1"),
+    "independent-noise": ("d3po", {}, {"shared_noise": False}, "independent x_T per image"),
+    "implied": ("d3po", {"pairs": "implied"}, {}, "implied pairs (2n−3 a pick)"),
+    "grid-2": ("d3po", {}, {"n": 2}, "2-image grids (16 a round)"),
+    "grid-8": ("d3po", {}, {"n": 8}, "8-image grids (4 a round)"),
+    "ddpo": ("ddpo", {}, {}, "DDPO defaults: lr 1e-3, ε 1e-4, 1 epoch, 4 accumulation"),
+    "ddpo-lr-3e-4": ("ddpo", {"learning_rate": 3e-4}, {}, "DDPO, lr 3e-4"),
+    "ddpo-lr-3e-3": ("ddpo", {"learning_rate": 3e-3}, {}, "DDPO, lr 3e-3"),
+}
+
+
+def specs(seeds: int, rounds: int) -> list[dict]:
+    return [
+        spec(name, OBJECTIVE, method, seed, rounds=rounds, config=config, settings=settings)
+        for seed in range(seeds)
+        for name, (method, config, settings, _what) in VARIANTS.items()
+    ]
+
+
+def summary(results: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in results:
+        first, last = r["table"][0], r["table"][-1]
+        rows.append(
+            {
+                "variant": r["variant"],
+                "seed": r["seed"],
+                "gain": last["tuned_mean"] - first["base_mean"],
+                "win_rate": last["win_rate"],
+                "round_s": sum(row["seconds"] for row in r["table"][1:]) / (len(r["table"]) - 1),
+            }
+        )
+    df = pd.DataFrame(rows)
+    table = df.groupby("variant", sort=False).agg(
+        seeds=("seed", "nunique"),
+        gain=("gain", "mean"),
+        gain_std=("gain", "std"),
+        win_rate=("win_rate", "mean"),
+        round_s=("round_s", "median"),
+    )
+    return table.reindex([v for v in VARIANTS if v in table.index])
+
+
+def markdown(table: pd.DataFrame) -> str:
+    lines = [
+        "| variant | what changes | seeds | kB saved (mean ± sd) | win rate | s a round |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in table.iterrows():
+        lines.append(
+            f"| `{name}` | {VARIANTS[name][3]} | {row.seeds} "
+            f"| {row.gain:+.3f} ± {row.gain_std:.3f} "
+            f"| {row.win_rate:.2f} | {row.round_s:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    colours = ["tab:orange" if VARIANTS[v][0] == "ddpo" else "tab:blue" for v in table.index]
+    ax.barh(table.index, table["gain"], xerr=table["gain_std"].fillna(0), color=colours)
+    ax.axvline(0, color="gray", lw=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("JPEG kB saved vs no tuning after the last round (mean ± sd over seeds)")
+    ax.set_title("Ablation on the embedded model (blue: D3PO, orange: DDPO)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--model", default=None, help="default: the embedded model")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning")
+    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "ablation.png")
+    p.add_argument("--part", default="1/1", help="i/k: run every k-th spec from the i-th")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    all_specs = specs(args.seeds, args.rounds)
+    if not args.report_only:
+        print(f"machine: {machine()}")
+        run_specs(all_specs, args.out, args.model, args.part)
+    results = load_results(all_specs, args.out)
+    if not results:
+        return
+    table = summary(results)
+    print(markdown(table))
+    plot(table, args.plot)
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

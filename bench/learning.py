@@ -1,0 +1,169 @@
+"""The paper's headline on the embedded model: D3PO (ranking only) vs DDPO (reward) vs base.
+
+    python bench/learning.py [--seeds 3] [--rounds 4] [--part 1/2] [--report-only]
+
+For JPEG compressibility and incompressibility, each seed runs R rounds of 32 sampled images
+(8 grids of 4): D3PO trains on the scorer's best and worst of each grid, DDPO on the scorer's
+values (per-prompt normalised advantages); both then score a fixed evaluation set (4 prompts
+x 8 seeds) against the untuned model on the same noise. Runs are cached as JSON in
+bench/results/learning, so ``--part i/k`` can split them over processes and a re-run only
+reports. Writes docs/img/learning.png and prints the markdown table of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import torch
+from runs import ROOT, load_results, machine, run_specs, spec
+
+OBJECTIVES = {
+    # scorer: (label, sign turning the score into JPEG kB, which way is better)
+    "jpeg_compressibility": ("JPEG compressibility", -1.0, "lower is better"),
+    "jpeg_incompressibility": ("JPEG incompressibility", 1.0, "higher is better"),
+}
+METHODS = ("d3po", "ddpo")
+
+
+def specs(seeds: int, rounds: int) -> list[dict]:
+    return [
+        spec(method, objective, method, seed, rounds=rounds)
+        for seed in range(seeds)
+        for objective in OBJECTIVES
+        for method in METHODS
+    ]
+
+
+def frame(results: list[dict]) -> pd.DataFrame:
+    """One row per (run, round): objective, method, seed, images, kB, base kB, win rate."""
+    rows = []
+    for r in results:
+        sign = OBJECTIVES[r["objective"]][1]
+        for row in r["table"]:
+            rows.append(
+                {
+                    "objective": r["objective"],
+                    "method": r["method"],
+                    "seed": r["seed"],
+                    "images": row["images_sampled"],
+                    "score": row["tuned_mean"],
+                    "base_score": row["base_mean"],
+                    "kb": sign * row["tuned_mean"],
+                    "base_kb": sign * row["base_mean"],
+                    "win_rate": row["win_rate"],
+                    "seconds": row["seconds"],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Final round per (objective, method): kB and gain (mean and std over seeds), win rate."""
+    last = df[df["images"] == df["images"].max()].copy()
+    last["gain"] = last["score"] - last["base_score"]
+    table = (
+        last.groupby(["objective", "method"])
+        .agg(
+            seeds=("seed", "nunique"),
+            base_kb=("base_kb", "mean"),
+            kb=("kb", "mean"),
+            kb_std=("kb", "std"),
+            gain=("gain", "mean"),
+            gain_std=("gain", "std"),
+            win_rate=("win_rate", "mean"),
+            win_rate_min=("win_rate", "min"),
+        )
+        .reset_index()
+    )
+    return table
+
+
+def gain_ratios(table: pd.DataFrame) -> dict[str, float]:
+    """D3PO's mean gain over DDPO's, per objective."""
+    g = table.set_index(["objective", "method"])["gain"]
+    return {o: float(g[(o, "d3po")] / g[(o, "ddpo")]) for o in OBJECTIVES if (o, "ddpo") in g}
+
+
+def markdown(table: pd.DataFrame, ratios: dict[str, float]) -> str:
+    lines = [
+        "| objective | method | seeds | base kB | tuned kB (mean ± sd) | change in kB (mean ± sd) "
+        "| win rate vs base (mean, min) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in table.itertuples():
+        sign = OBJECTIVES[row.objective][1]
+        lines.append(
+            f"| {OBJECTIVES[row.objective][0]} | {row.method.upper()} | {row.seeds} "
+            f"| {row.base_kb:.3f} | {row.kb:.3f} ± {row.kb_std:.3f} "
+            f"| {sign * row.gain:+.3f} ± {row.gain_std:.3f} "
+            f"| {row.win_rate:.2f}, {row.win_rate_min:.2f} |"
+        )
+    lines.append("")
+    for objective, ratio in ratios.items():
+        lines.append(f"Gain ratio D3PO / DDPO, {OBJECTIVES[objective][0]}: **{ratio:.2f}**")
+    return "\n".join(lines)
+
+
+def plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(OBJECTIVES), figsize=(5.2 * len(OBJECTIVES), 3.8))
+    colours = {"d3po": "tab:blue", "ddpo": "tab:orange"}
+    for ax, (objective, (label, _sign, better)) in zip(axes, OBJECTIVES.items(), strict=True):
+        part = df[df["objective"] == objective]
+        if part.empty:
+            continue
+        for method in METHODS:
+            m = part[part["method"] == method].groupby("images")["kb"]
+            mean, std = m.mean(), m.std().fillna(0.0)
+            lo, hi = m.min(), m.max()
+            ax.plot(mean.index, mean, marker="o", color=colours[method], label=method.upper())
+            ax.fill_between(mean.index, mean - std, mean + std, color=colours[method], alpha=0.2)
+            ax.plot(lo.index, lo, color=colours[method], lw=0.6, ls=":")
+            ax.plot(hi.index, hi, color=colours[method], lw=0.6, ls=":")
+        ax.axhline(part["base_kb"].iloc[0], color="gray", ls="--", label="no tuning")
+        ax.set_title(f"{label} ({better})")
+        ax.set_xlabel("images sampled for training")
+        ax.set_ylabel("mean JPEG size of the eval set (kB)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Embedded model: mean ± sd over seeds (dotted: min and max)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--model", default=None, help="default: the embedded model")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning")
+    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "learning.png")
+    p.add_argument("--part", default="1/1", help="i/k: run every k-th spec from the i-th")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    all_specs = specs(args.seeds, args.rounds)
+    if not args.report_only:
+        print(f"machine: {machine()}")
+        run_specs(all_specs, args.out, args.model, args.part)
+    results = load_results(all_specs, args.out)
+    if not results:
+        return
+    df = frame(results)
+    table = summary(df)
+    print(markdown(table, gain_ratios(table)))
+    plot(df, args.plot)
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

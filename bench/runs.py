@@ -1,0 +1,131 @@
+"""Shared runner of the learning benchmarks: one scripted run a spec, cached as JSON.
+
+A spec names an objective (a scorer), a method (d3po or ddpo), a seed, and overrides of the
+method's config and of the sampling settings. ``run_specs`` runs what is not cached yet
+(``--part i/k`` splits the work across processes); ``load_results`` reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from d3po_core.ddpo import DDPOConfig
+from d3po_core.models import default_model, load_pipeline
+from d3po_core.sampling import SampleSettings
+from d3po_core.scorers import load_scorer
+from d3po_core.session import Session
+from d3po_core.simulate import EvalSet, simulate
+from d3po_core.trainer import D3POConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [
+    line.strip()
+    for line in (ROOT / "examples" / "prompts.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
+EVAL = EvalSet(PROMPTS[:4], [10_000 + i for i in range(8)])
+IMAGES_PER_ROUND = 32
+
+
+def spec(
+    variant: str,
+    objective: str,
+    method: str,
+    seed: int,
+    *,
+    rounds: int,
+    config: dict | None = None,
+    settings: dict | None = None,
+) -> dict:
+    """A run: the same images per round whatever the grid size (grids = 32 / n)."""
+    return {
+        "id": f"{variant}--{objective}--s{seed}",
+        "variant": variant,
+        "objective": objective,
+        "method": method,
+        "seed": seed,
+        "rounds": rounds,
+        "config": config or {},
+        "settings": settings or {},
+    }
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    threads = torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
+
+
+def run_one(s: dict, out: Path, model: str | None) -> dict:
+    """Run a spec (or read its cached result) and return the result."""
+    path = out / f"{s['id']}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    pipe = load_pipeline(model or default_model(), device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    base = SampleSettings(guidance=pipe.recommended.get("guidance", SampleSettings().guidance))
+    settings = replace(base, **s["settings"])
+    grids = IMAGES_PER_ROUND // settings.n
+    if s["method"] == "ddpo":
+        config = DDPOConfig(**{**s["config"], "seed": s["seed"]})
+    else:
+        config = D3POConfig(**{**s["config"], "seed": s["seed"]})
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, Session.open(Path(tmp) / "s") as session:
+        table = simulate(
+            pipe,
+            session,
+            load_scorer(s["objective"]),
+            PROMPTS,
+            rounds=s["rounds"],
+            grids=grids,
+            settings=settings,
+            config=config,
+            eval_set=EVAL,
+            seed=1_000_000 * (s["seed"] + 1),
+        )
+    result = {
+        **s,
+        "sample_settings": asdict(settings),
+        "full_config": config.to_dict(),
+        "grids_per_round": grids,
+        "table": table,
+        "seconds": time.perf_counter() - start,
+        "machine": machine(),
+    }
+    tmp_path = path.with_suffix(".tmp")
+    tmp_path.write_text(json.dumps(result, indent=2))
+    os.replace(tmp_path, path)
+    return result
+
+
+def run_specs(specs: list[dict], out: Path, model: str | None, part: str = "1/1") -> None:
+    """Run every spec of this part (``i/k``: every k-th spec from the i-th) not cached yet."""
+    i, k = (int(x) for x in part.split("/"))
+    out.mkdir(parents=True, exist_ok=True)
+    mine = specs[i - 1 :: k]
+    for n, s in enumerate(mine, 1):
+        cached = (out / f"{s['id']}.json").exists()
+        t0 = time.perf_counter()
+        result = run_one(s, out, model)
+        last = result["table"][-1]
+        print(
+            f"[{n}/{len(mine)}] {s['id']}: {result['table'][0]['base_mean']:.4f} -> "
+            f"{last['tuned_mean']:.4f} (win {last['win_rate']:.2f})"
+            + (" cached" if cached else f" {time.perf_counter() - t0:.0f}s"),
+            flush=True,
+        )
+
+
+def load_results(specs: list[dict], out: Path) -> list[dict]:
+    """The cached results of ``specs`` (missing ones are skipped)."""
+    paths = [out / f"{s['id']}.json" for s in specs]
+    return [json.loads(p.read_text()) for p in paths if p.exists()]
