@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
     "ddpo": ("ddpo", {}, {}, "DDPO defaults: lr 1e-3, ε 1e-4, 1 epoch, 4 accumulation"),
     "ddpo-lr-3e-4": ("ddpo", {"learning_rate": 3e-4}, {}, "DDPO, lr 3e-4"),
     "ddpo-lr-3e-3": ("ddpo", {"learning_rate": 3e-3}, {}, "DDPO, lr 3e-3"),
+    "ddpo-accum-1": ("ddpo", {"grad_accum": 1}, {}, "DDPO, an optimizer step every UNet call"),
 }
 
 
@@ -115,11 +116,14 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "ablation.png")
     p.add_argument("--part", default="1/1", help="i/k: run every k-th spec from the i-th")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--only", default=None, help="comma-separated variants to run")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     all_specs = specs(args.seeds, args.rounds)
+    if args.only:
+        all_specs = [s for s in all_specs if s["variant"] in args.only.split(",")]
     if not args.report_only:
         print(f"machine: {machine()}")
         run_specs(all_specs, args.out, args.model, args.part)

@@ -67,6 +67,22 @@ def test_checker_reads_clean_renders_exactly() -> None:
     assert reading.background == "sky" and reading.kind is None
 
 
+def test_shape_coverage_marks_the_shape_in_latent_pixels() -> None:
+    from d3po_core.embedded.train import ATTRS, CHOICES, shape_coverage
+    from d3po_core.embedded.world import Scene, render
+
+    scene = Scene("circle", "red", "large", "white", "center")
+    attrs = np.asarray([[CHOICES[a].index(getattr(scene, a)) for a in ATTRS]])
+    image = render(scene)
+    cov = shape_coverage(image[None], attrs)[0, 0]
+    assert cov.shape == (8, 8)
+    assert torch.all(cov[3:5, 3:5] == 1.0)  # the middle of the disc
+    assert cov[0, 0] == 0 and cov[7, 7] == 0  # the corners are background
+    assert ((cov > 0) & (cov < 1)).any()  # its rim covers latent pixels in part
+    shape_pixels = (image != np.asarray(world.BACKGROUNDS["white"])).any(-1).sum()
+    assert float(cov.sum()) * 64 == pytest.approx(shape_pixels, abs=1)
+
+
 def test_smoke_training_gives_a_loadable_pipeline(tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -77,6 +93,8 @@ def test_smoke_training_gives_a_loadable_pipeline(tmp_path: Path) -> None:
         str(tmp_path),
         "--steps",
         "3",
+        "--refine-steps",
+        "2",
         "--vae-steps",
         "2",
         "--images",
