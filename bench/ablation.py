@@ -36,10 +36,15 @@ VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
     "implied": ("d3po", {"pairs": "implied"}, {}, "implied pairs (2n−3 a pick)"),
     "grid-2": ("d3po", {}, {"n": 2}, "2-image grids (16 a round)"),
     "grid-8": ("d3po", {}, {"n": 8}, "8-image grids (4 a round)"),
-    "ddpo": ("ddpo", {}, {}, "DDPO defaults: lr 1e-3, ε 1e-4, 1 epoch, 4 accumulation"),
-    "ddpo-lr-3e-4": ("ddpo", {"learning_rate": 3e-4}, {}, "DDPO, lr 3e-4"),
-    "ddpo-lr-3e-3": ("ddpo", {"learning_rate": 3e-3}, {}, "DDPO, lr 3e-3"),
+    "ddpo": ("ddpo", {}, {}, "DDPO defaults: lr 3e-3, ε 1e-4, 1 epoch, 4 accumulation"),
+    "ddpo-lr-1e-3": ("ddpo", {"learning_rate": 1e-3}, {}, "DDPO, lr 1e-3"),
     "ddpo-accum-1": ("ddpo", {"grad_accum": 1}, {}, "DDPO, an optimizer step every UNet call"),
+    "ddpo-clip-6e-3": (
+        "ddpo",
+        {"clip_range": 6.4e-3},
+        {},
+        "DDPO, ε 6.4e-3: SD 1.5's trust region in summed log-prob (1e-4 × 64²·4 / 8²·4)",
+    ),
 }
 
 
