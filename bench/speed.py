@@ -50,10 +50,15 @@ def _median_seconds(fn, repeats: int, device: torch.device) -> float:
 
 
 def grid_vs_plain(pipe, settings: SampleSettings, repeats: int) -> dict:
-    """Median seconds of a recorded grid and of diffusers' plain pipeline, and their ratio."""
+    """Median seconds of a recorded grid and of diffusers' plain pipeline, and their ratio.
+
+    The two alternate (A, B, A, B, …) after a warm-up of each, so drift in the machine's
+    speed touches both alike.
+    """
     device = pipe.unet.device
-    sample_grid(pipe, PROMPT, settings, seed=0)  # warm-up
-    grid_s = _median_seconds(lambda: sample_grid(pipe, PROMPT, settings, seed=1), repeats, device)
+
+    def ours() -> None:
+        sample_grid(pipe, PROMPT, settings, seed=1)
 
     def plain() -> None:
         pipe(
@@ -67,12 +72,19 @@ def grid_vs_plain(pipe, settings: SampleSettings, repeats: int) -> dict:
             generator=[torch.Generator().manual_seed(i) for i in range(settings.n)],
         )
 
+    ours()
     plain()
-    plain_s = _median_seconds(plain, repeats, device)
+    grid_times, plain_times = [], []
+    for _ in range(repeats):
+        grid_times.append(_median_seconds(ours, 1, device))
+        plain_times.append(_median_seconds(plain, 1, device))
+    grid_s, plain_s = statistics.median(grid_times), statistics.median(plain_times)
+    ratios = [g / p for g, p in zip(grid_times, plain_times, strict=True)]
     return {
         "grid_s": round(grid_s, 3),
         "plain_pipeline_s": round(plain_s, 3),
         "recording_overhead_ratio": round(grid_s / plain_s, 3),
+        "paired_ratio_median": round(statistics.median(ratios), 3),
     }
 
 
