@@ -320,12 +320,17 @@ def optimize(
     rng = random.Random(config.seed + 1)
     step, window, norms = 0, [], []
     final: list[dict[str, torch.Tensor]] = []
+    for p in params:  # nothing left over from an earlier round's accumulation
+        p.grad = None
     for epoch in range(config.epochs):
         order = list(batches)
         rng.shuffle(order)
         for i, batch in enumerate(order):
             if should_cancel is not None and should_cancel():
                 raise RoundCancelled("round cancelled; the adapter is unchanged")
+            if epoch == config.epochs - 1 and i == len(order) - 1:
+                # the round's last batch closes a partial accumulation group with a step
+                accelerator.step = accelerator.gradient_accumulation_steps - 1
             with accelerator.accumulate(model):
                 terms = objective(batch)
                 loss = terms["loss"].mean()

@@ -155,3 +155,19 @@ def test_cancel_restores_the_adapter_and_bad_input_is_refused(pipe, grid):
         )
     with pytest.raises(ValueError, match="clip_range"):
         run_ddpo_round(pipe, [example], DDPOConfig(clip_range=0))
+
+
+def test_a_partial_accumulation_group_still_makes_a_step(pipe, grid):
+    example = RewardExample(grid.trajectory, [0.0, 1.0, 2.0, 3.0])
+    snapshots = []
+
+    def snapshot(_event) -> None:
+        snapshots.append([p.detach().clone() for p in lora_parameters(pipe.unet)])
+
+    # 16 items in batches of 6: 3 UNet calls; accumulating 2 a step, the 3rd call is alone
+    config = DDPOConfig(batch_size=6, grad_accum=2, learning_rate=1e-2)
+    result = run_ddpo_round(pipe, [example], config, on_progress=snapshot)
+    assert result.metrics["optimizer_steps"] == len(snapshots) == 2
+    # the last, partial group moved the weights too, and left no gradient behind
+    assert any(not torch.equal(a, b) for a, b in zip(*snapshots, strict=True))
+    assert all(p.grad is None or not p.grad.any() for p in lora_parameters(pipe.unet))
