@@ -2,9 +2,11 @@
 
     python bench/ablation.py [--seeds 2] [--rounds 4] [--part 1/2] [--report-only]
 
-JPEG compressibility; every variant changes one thing from the defaults and sees the same
-number of sampled images (32 a round: 8 grids of 4, 16 of 2 or 4 of 8). Runs are cached in
-bench/results/learning next to bench/learning.py's, which share the "d3po" and "ddpo" runs.
+JPEG compressibility; every variant sees the same number of sampled images (32 a round: 8
+grids of 4, 16 of 2 or 4 of 8). The variants marked "shared x_T" change one thing from the
+earlier defaults (one x_T a grid), which this ablation replaced with an x_T per image. Runs
+are cached in bench/results/learning next to bench/learning.py's, which share the "d3po" and
+"ddpo" runs.
 Prints the markdown table of docs/benchmarks.md and writes docs/img/ablation.png.
 """
 
@@ -18,32 +20,34 @@ import torch
 from runs import ROOT, load_results, machine, run_specs, spec
 
 OBJECTIVE = "jpeg_compressibility"
+SHARED = {"shared_noise": True}
 
 #: variant -> (method, config overrides, sampling overrides, what it tests)
 VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
-    "d3po": ("d3po", {}, {}, "defaults: sum, β 0.1, no clip, shared x_T, best-worst, 4-grids"),
-    "beta-0.02": ("d3po", {"beta": 0.02}, {}, "sum, β 0.02"),
-    "beta-0.5": ("d3po", {"beta": 0.5}, {}, "sum, β 0.5"),
-    "mean": ("d3po", {"reduction": "mean"}, {}, "per-dimension mean log-prob, β 0.1"),
+    "d3po": ("d3po", {}, {}, "defaults: sum, β 0.1, no clip, x_T per image, best-worst, 4-grids"),
+    "shared-noise": ("d3po", {}, SHARED, "one x_T a grid (the D3PO authors'; the old default)"),
+    "beta-0.02": ("d3po", {"beta": 0.02}, SHARED, "shared x_T; β 0.02"),
+    "beta-0.5": ("d3po", {"beta": 0.5}, SHARED, "shared x_T; β 0.5"),
+    "mean": ("d3po", {"reduction": "mean"}, SHARED, "shared x_T; per-dimension mean log-prob"),
     "mean-clip": (
         "d3po",
         {"reduction": "mean", "ratio_clip": 0.1},
-        {},
-        "official code: mean, β 0.1, ratio clip 0.1",
+        SHARED,
+        "shared x_T; the official code's mean log-prob with ratio clip 0.1",
     ),
-    "clip": ("d3po", {"ratio_clip": 0.1}, {}, "sum with ratio clip 0.1"),
-    "independent-noise": ("d3po", {}, {"shared_noise": False}, "independent x_T per image"),
-    "implied": ("d3po", {"pairs": "implied"}, {}, "implied pairs (2n−3 a pick)"),
-    "grid-2": ("d3po", {}, {"n": 2}, "2-image grids (16 a round)"),
-    "grid-8": ("d3po", {}, {"n": 8}, "8-image grids (4 a round)"),
-    "ddpo": ("ddpo", {}, {}, "DDPO defaults: lr 3e-3, ε 1e-4, 1 epoch, 4 accumulation"),
-    "ddpo-lr-1e-3": ("ddpo", {"learning_rate": 1e-3}, {}, "DDPO, lr 1e-3"),
-    "ddpo-accum-1": ("ddpo", {"grad_accum": 1}, {}, "DDPO, an optimizer step every UNet call"),
+    "clip": ("d3po", {"ratio_clip": 0.1}, SHARED, "shared x_T; sum with ratio clip 0.1"),
+    "implied": ("d3po", {"pairs": "implied"}, SHARED, "shared x_T; implied pairs (2n−3 a pick)"),
+    "grid-2": ("d3po", {}, {**SHARED, "n": 2}, "shared x_T; 2-image grids (16 a round)"),
+    "grid-8": ("d3po", {}, {**SHARED, "n": 8}, "shared x_T; 8-image grids (4 a round)"),
+    "ddpo": ("ddpo", {}, {}, "DDPO defaults: lr 3e-3, ε 1e-4, 1 epoch, 4 calls a step"),
+    "ddpo-shared-noise": ("ddpo", {}, SHARED, "DDPO; shared x_T"),
+    "ddpo-lr-1e-3": ("ddpo", {"learning_rate": 1e-3}, SHARED, "DDPO; shared x_T; lr 1e-3"),
+    "ddpo-accum-1": ("ddpo", {"grad_accum": 1}, SHARED, "DDPO; shared x_T; a step every call"),
     "ddpo-clip-6e-3": (
         "ddpo",
         {"clip_range": 6.4e-3},
-        {},
-        "DDPO, ε 6.4e-3: SD 1.5's trust region in summed log-prob (1e-4 × 64²·4 / 8²·4)",
+        SHARED,
+        "DDPO; shared x_T; ε 6.4e-3, SD 1.5's trust region in summed log-prob",
     ),
 }
 
@@ -71,13 +75,14 @@ def summary(results: list[dict]) -> pd.DataFrame:
         )
     df = pd.DataFrame(rows)
     table = df.groupby("variant", sort=False).agg(
-        seeds=("seed", "nunique"),
+        seeds=("seed", "count"),
         gain=("gain", "mean"),
         gain_std=("gain", "std"),
         win_rate=("win_rate", "mean"),
         round_s=("round_s", "median"),
     )
-    return table.reindex([v for v in VARIANTS if v in table.index])
+    table = table.reindex([v for v in VARIANTS if v in table.index])
+    return table.astype({"seeds": int})
 
 
 def markdown(table: pd.DataFrame) -> str:

@@ -49,9 +49,9 @@ def _sampling(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--eta", type=float, default=d.eta, help="DDIM eta (> 0 to train)")
     parser.add_argument(
-        "--independent-noise",
+        "--shared-noise",
         action="store_true",
-        help="a different initial noise for every image (default: one shared x_T a grid)",
+        help="one initial noise x_T for the whole grid (default: one per image)",
     )
     parser.add_argument("--negative-prompt", default="")
 
@@ -158,7 +158,7 @@ def _settings(args: argparse.Namespace, pipe) -> SampleSettings:
         steps=args.steps,
         guidance=guidance,
         eta=args.eta,
-        shared_noise=not args.independent_noise,
+        shared_noise=args.shared_noise,
         negative_prompt=args.negative_prompt,
     )
 

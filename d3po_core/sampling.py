@@ -36,14 +36,16 @@ class SampleSettings:
     guidance: classifier-free guidance scale (≤ 1 turns guidance off).
     eta: DDIM η; must be > 0 for the log-probs D3PO trains on (1.0 = DDPM-like noise).
     shared_noise: one initial noise x_T for the whole grid (the D3PO authors' setting), so
-        the images differ only by the sampling noise of each step.
+        the images differ only by the sampling noise of each step. Off by default: with an
+        x_T per image the grids differ more and, in bench/ablation.py, the same picks moved
+        the objective furthest (docs/benchmarks.md).
     """
 
     n: int = 4
     steps: int = 20
     guidance: float = 7.5
     eta: float = 1.0
-    shared_noise: bool = True
+    shared_noise: bool = False
     negative_prompt: str = ""
     height: int | None = None
     width: int | None = None

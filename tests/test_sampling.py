@@ -73,7 +73,7 @@ def test_reevaluating_stored_transitions_reproduces_log_probs(pipe):
 
 
 def test_grid_records_seeds_noise_and_settings(pipe):
-    shared = sample_grid(pipe, "a circle", FAST, seed=100)
+    shared = sample_grid(pipe, "a circle", replace(FAST, shared_noise=True), seed=100)
     traj = shared.trajectory
     assert traj.seeds == [100, 101, 102, 103]
     assert len(shared.images) == 4 and shared.images[0].size == (32, 32)
@@ -82,7 +82,7 @@ def test_grid_records_seeds_noise_and_settings(pipe):
     assert traj.timesteps.shape == (FAST.steps,)
     assert torch.equal(traj.latents[0, 0], traj.latents[3, 0])  # one shared x_T
     assert not torch.equal(traj.latents[0, -1], traj.latents[3, -1])  # different images
-    independent = sample_grid(pipe, "a circle", replace(FAST, shared_noise=False), seed=100)
+    independent = sample_grid(pipe, "a circle", FAST, seed=100)  # the default: x_T per image
     assert not torch.equal(
         independent.trajectory.latents[0, 0], independent.trajectory.latents[3, 0]
     )
