@@ -39,6 +39,14 @@ VARIANTS: dict[str, tuple[str, dict, dict, str]] = {
     "implied": ("d3po", {"pairs": "implied"}, SHARED, "shared x_T; implied pairs (2n−3 a pick)"),
     "grid-2": ("d3po", {}, {**SHARED, "n": 2}, "shared x_T; 2-image grids (16 a round)"),
     "grid-8": ("d3po", {}, {**SHARED, "n": 8}, "shared x_T; 8-image grids (4 a round)"),
+    "per-image-beta-0.5": ("d3po", {"beta": 0.5}, {}, "β 0.5"),
+    "per-image-mean-clip": (
+        "d3po",
+        {"reduction": "mean", "ratio_clip": 0.1},
+        {},
+        "the official code's mean log-prob with ratio clip 0.1",
+    ),
+    "per-image-grid-8": ("d3po", {}, {"n": 8}, "8-image grids (4 a round)"),
     "ddpo": ("ddpo", {}, {}, "DDPO defaults: lr 3e-3, ε 1e-4, 1 epoch, 4 calls a step"),
     "ddpo-shared-noise": ("ddpo", {}, SHARED, "DDPO; shared x_T"),
     "ddpo-lr-1e-3": ("ddpo", {"learning_rate": 1e-3}, SHARED, "DDPO; shared x_T; lr 1e-3"),
@@ -92,7 +100,7 @@ def markdown(table: pd.DataFrame) -> str:
     ]
     for name, row in table.iterrows():
         lines.append(
-            f"| `{name}` | {VARIANTS[name][3]} | {row.seeds} "
+            f"| `{name}` | {VARIANTS[name][3]} | {int(row.seeds)} "
             f"| {row.gain:+.3f} ± {row.gain_std:.3f} "
             f"| {row.win_rate:.2f} | {row.round_s:.0f} |"
         )
