@@ -31,10 +31,10 @@ from .d3po import Reduction, select_steps
 from .models import LoraSettings
 from .sampling import Trajectory
 from .trainer import (
+    Batch,
     NoPicksError,
     ProgressEvent,
     RoundResult,
-    _Batch,
     log_probs_of,
     make_accelerator,
     make_batches,
@@ -223,7 +223,7 @@ def _train(pipe, examples, config, params, on_progress, should_cancel, accelerat
     batches = batches[accelerator.process_index :: accelerator.num_processes] or batches[:1]
     dims = math.prod(trajectories[0].latents.shape[2:])
 
-    def objective(batch: _Batch) -> dict[str, torch.Tensor]:
+    def objective(batch: Batch) -> dict[str, torch.Tensor]:
         logp = log_probs_of(pipe, trajectories, batch.key, batch.items)
         old = torch.stack([trajectories[e].log_probs[i, k] for e, i, k in batch.items])
         adv = torch.tensor([advantages[(e, i)] for e, i, _k in batch.items])

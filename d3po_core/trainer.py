@@ -124,7 +124,9 @@ class RoundResult:
 
 
 @dataclass
-class _Batch:
+class Batch:
+    """Items trained in one UNet call; they share the sampling settings ``key``."""
+
     key: tuple
     items: list[tuple]  # D3PO: (example, winner, loser, step); DDPO: (example, image, step)
     ref_w: torch.Tensor | None = None
@@ -145,7 +147,7 @@ def build_items(examples: list[Example], config: D3POConfig) -> list[tuple[int, 
     return items
 
 
-def _batches(examples: list[Example], items: list, config: D3POConfig) -> list[_Batch]:
+def _batches(examples: list[Example], items: list, config: D3POConfig) -> list[Batch]:
     """Chunk items into batches that share the sampling settings the step math depends on."""
     trajectories = [ex.trajectory for ex in examples]
     return make_batches(trajectories, items, config.batch_size, config.seed)
@@ -153,7 +155,7 @@ def _batches(examples: list[Example], items: list, config: D3POConfig) -> list[_
 
 def make_batches(
     trajectories: list[Trajectory], items: list[tuple], batch_size: int, seed: int
-) -> list[_Batch]:
+) -> list[Batch]:
     """Shuffled batches of items (``item[0]`` indexes ``trajectories``) with one settings key."""
     groups: dict[tuple, list] = defaultdict(list)
     for item in items:
@@ -163,7 +165,7 @@ def make_batches(
     for key, group in groups.items():
         rng.shuffle(group)
         for i in range(0, len(group), batch_size):
-            batches.append(_Batch(key=key, items=group[i : i + batch_size]))
+            batches.append(Batch(key=key, items=group[i : i + batch_size]))
     rng.shuffle(batches)
     return batches
 
@@ -204,7 +206,7 @@ def settings_key(traj: Trajectory) -> tuple:
 
 
 def _policy_log_probs(
-    pipe, examples: list[Example], batch: _Batch
+    pipe, examples: list[Example], batch: Batch
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(x_{t−1}|x_t) of the winner and loser side of each item, one UNet call."""
     rows = [(e, win, k) for e, win, _lose, k in batch.items]
@@ -291,10 +293,10 @@ class _Loop:
 
 def optimize(
     pipe,
-    batches: list[_Batch],
+    batches: list[Batch],
     config,
     params: list[torch.nn.Parameter],
-    objective: Callable[[_Batch], dict[str, torch.Tensor]],
+    objective: Callable[[Batch], dict[str, torch.Tensor]],
     *,
     accelerator: Accelerator,
     start: float,
@@ -380,7 +382,7 @@ def _train(pipe, examples, config, params, on_progress, should_cancel, accelerat
             batch.ref_w, batch.ref_l = _policy_log_probs(pipe, examples, batch)
         set_lora_enabled(unet, True)
 
-    def objective(batch: _Batch) -> dict[str, torch.Tensor]:
+    def objective(batch: Batch) -> dict[str, torch.Tensor]:
         logp_w, logp_l = _policy_log_probs(pipe, examples, batch)
         terms = d3po_loss(
             logp_w,
