@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import fcntl
+import functools
 import json
 import math
 import os
@@ -398,6 +399,134 @@ def shape_coverage(images: np.ndarray, attrs: np.ndarray, factor: int = 8) -> to
     return torch.cat(out)
 
 
+def _models(cfg: Config, tok: CLIPTokenizer, device: str) -> dict[str, torch.nn.Module]:
+    """Text encoder and UNet (created in that order) and their EMA copies."""
+    te = make_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id).to(device)
+    unet = make_unet(cfg).to(device)
+    return {
+        "unet": unet,
+        "text_encoder": te,
+        "ema_unet": copy.deepcopy(unet).requires_grad_(False),
+        "ema_text_encoder": copy.deepcopy(te).requires_grad_(False),
+    }
+
+
+def _run_phase(
+    label: str,
+    cfg: Config,
+    mods: dict[str, torch.nn.Module],
+    gen: torch.Generator,
+    *,
+    total: int,
+    lr: float,
+    loss_of: Callable[..., torch.Tensor],
+    ema_decay: Callable[[int], float],
+    latents: tuple[torch.Tensor, torch.Tensor, float],
+    attrs: np.ndarray,
+    tok: CLIPTokenizer,
+    work: Path,
+    vae: AutoencoderKL,
+    merges: list[tuple[str, str]],
+    device: str,
+    snapshot_every: int,
+    eval_n: int,
+) -> tuple[UNet2DConditionModel, CLIPTextModel, float]:
+    """Train (or resume, from ``work/label``) text encoder + UNet for ``total`` steps.
+
+    ``loss_of(prediction, noise, idx, t)`` gives the batch loss; AdamW at ``lr`` with warmup
+    and cosine decay, gradient clipping, EMA with ``ema_decay(step)``, checkpoints, progress
+    lines and scored EMA snapshots. Returns the EMA copies and the phase's seconds.
+    """
+    unet, te = mods["unet"], mods["text_encoder"]
+    ema_unet, ema_te = mods["ema_unet"], mods["ema_text_encoder"]
+    params = [*unet.parameters(), *te.parameters()]
+    ema_params = [*ema_unet.parameters(), *ema_te.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    ckpt = work / label
+    state = load_checkpoint(ckpt, mods, opt, gen) or {"step": 0}
+    step, t0 = state["step"], time.time()
+    if 0 < step < total:
+        log(f"resumed {label} at step {step}")
+    alphas = make_noise_scheduler().alphas_cumprod.to(device)
+    t_last, done_last, losses = time.time(), step, []
+    every = max(1, min(200, total // 20))
+    while step < total:
+        idx, zt, t, noise, ids = _batch(cfg, latents, attrs, tok, alphas, gen, device)
+        loss = loss_of(unet(zt, t, te(ids)[0]).sample, noise, idx, t)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, total, lr, cfg.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - ema_decay(step))
+        losses.append(loss.item())
+        if step % every == 0 or step == total:
+            rate = (step - done_last) / (time.time() - t_last)
+            eta = (total - step) / max(rate, 1e-9) / 60
+            log(
+                f"{label} step {step}/{total} loss {np.mean(losses):.4f} {rate:.2f} steps/s "
+                f"eta {eta:.0f} min"
+            )
+            t_last, done_last, losses = time.time(), step, []
+            seconds = state.get("seconds", 0.0) + time.time() - t0
+            save_checkpoint(ckpt, mods, opt, gen, {"step": step, "seconds": seconds})
+        if snapshot_every and step % snapshot_every == 0 and step < total:
+            snap = work / "snapshot"
+            export(snap, vae, ema_te, tok, merges, ema_unet, latents[2], {label: step})
+            if eval_n:
+                t_eval = time.time()
+                result = run_eval(snap, eval_n, device)
+                took = time.time() - t_eval
+                log(f"eval at {label} step {step}: {json.dumps(result)} ({took:.0f}s)")
+            t_last = time.time()
+    state = json.loads(((_existing(ckpt) or ckpt) / "state.json").read_text())
+    log(f"{label} done ({state.get('seconds', 0):.0f}s of training)")
+    return ema_unet.eval(), ema_te.eval(), state.get("seconds", 0.0)
+
+
+def train_unet(
+    cfg: Config,
+    latents: tuple[torch.Tensor, torch.Tensor, float],
+    attrs: np.ndarray,
+    tok: CLIPTokenizer,
+    work: Path,
+    vae: AutoencoderKL,
+    merges: list[tuple[str, str]],
+    device: str,
+    snapshot_every: int,
+    eval_n: int,
+) -> tuple[UNet2DConditionModel, CLIPTextModel, float]:
+    """Train (or resume) text encoder + UNet on the plain epsilon loss; EMA copies, seconds."""
+    torch.manual_seed(cfg.seed + 2)
+    mods = _models(cfg, tok, device)
+
+    def loss_of(prediction, noise, _idx, _t):
+        return F.mse_loss(prediction, noise)
+
+    return _run_phase(
+        "unet",
+        cfg,
+        mods,
+        torch.Generator().manual_seed(cfg.seed + 3),
+        total=cfg.steps,
+        lr=cfg.lr,
+        loss_of=loss_of,
+        ema_decay=lambda step: min(cfg.ema_decay, (1 + step) / (10 + step)),
+        latents=latents,
+        attrs=attrs,
+        tok=tok,
+        work=work,
+        vae=vae,
+        merges=merges,
+        device=device,
+        snapshot_every=snapshot_every,
+        eval_n=eval_n,
+    )
+
+
 def refine_unet(
     cfg: Config,
     latents: tuple[torch.Tensor, torch.Tensor, float],
@@ -416,141 +545,44 @@ def refine_unet(
     Starts from the main phase's final weights and EMA; a fresh optimizer, its own seeded
     generator and a warmup-then-cosine schedule at ``refine_lr``. Returns the EMA copies.
     """
-    scale = latents[2]
-    te = make_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id).to(device)
-    unet = make_unet(cfg).to(device)
-    ema_te = copy.deepcopy(te).requires_grad_(False)
-    ema_unet = copy.deepcopy(unet).requires_grad_(False)
-    mods = {"unet": unet, "text_encoder": te, "ema_unet": ema_unet, "ema_text_encoder": ema_te}
+    mods = _models(cfg, tok, device)
     main = _existing(work / "unet")
     if main is None:
         raise RuntimeError("the main phase has no checkpoint to refine")
     for name, mod in mods.items():
         mod.load_state_dict(load_file(main / f"{name}.safetensors"))
-    params = [*unet.parameters(), *te.parameters()]
-    ema_params = [*ema_unet.parameters(), *ema_te.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.refine_lr, weight_decay=1e-2)
-    gen = torch.Generator().manual_seed(cfg.seed + 4)
-    ckpt = work / "refine"
-    state = load_checkpoint(ckpt, mods, opt, gen) or {"step": 0}
-    step, t0 = state["step"], time.time()
-    if 0 < step < cfg.refine_steps:
-        log(f"resumed refinement at step {step}")
-    coverage = shape_coverage(images, attrs).to(device)
     alphas = make_noise_scheduler().alphas_cumprod.to(device)
     snr = alphas / (1 - alphas)
     snr_weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
-    t_last, done_last, losses = time.time(), step, []
-    every = max(1, min(200, cfg.refine_steps // 20))
-    while step < cfg.refine_steps:
-        idx, zt, t, noise, ids = _batch(cfg, latents, attrs, tok, alphas, gen, device)
-        err = (unet(zt, t, te(ids)[0]).sample - noise).pow(2)
-        weight = (1.0 + cfg.shape_weight * coverage[idx.to(device)]) * snr_weight[t].view(
-            -1, 1, 1, 1
-        )
-        loss = (weight * err).mean()
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.refine_steps, cfg.refine_lr, cfg.warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - cfg.ema_decay)
-        losses.append(loss.item())
-        if step % every == 0 or step == cfg.refine_steps:
-            rate = (step - done_last) / (time.time() - t_last)
-            eta = (cfg.refine_steps - step) / max(rate, 1e-9) / 60
-            log(
-                f"refine step {step}/{cfg.refine_steps} loss {np.mean(losses):.4f} "
-                f"{rate:.2f} steps/s eta {eta:.0f} min"
-            )
-            t_last, done_last, losses = time.time(), step, []
-            seconds = state.get("seconds", 0.0) + time.time() - t0
-            save_checkpoint(ckpt, mods, opt, gen, {"step": step, "seconds": seconds})
-        if snapshot_every and step % snapshot_every == 0 and step < cfg.refine_steps:
-            snap = work / "snapshot"
-            export(snap, vae, ema_te, tok, merges, ema_unet, scale, {"refine_step": step})
-            if eval_n:
-                t_eval = time.time()
-                result = run_eval(snap, eval_n, device)
-                took = time.time() - t_eval
-                log(f"eval at refine step {step}: {json.dumps(result)} ({took:.0f}s)")
-            t_last = time.time()
-    state = json.loads(((_existing(ckpt) or ckpt) / "state.json").read_text())
-    log(f"refinement done ({state.get('seconds', 0):.0f}s of training)")
-    return ema_unet.eval(), ema_te.eval(), state.get("seconds", 0.0)
 
+    @functools.cache  # on the first step: a finished phase never computes it
+    def coverage() -> torch.Tensor:
+        return shape_coverage(images, attrs).to(device)
 
-def train_unet(
-    cfg: Config,
-    latents: tuple[torch.Tensor, torch.Tensor, float],
-    attrs: np.ndarray,
-    tok: CLIPTokenizer,
-    work: Path,
-    vae: AutoencoderKL,
-    merges: list[tuple[str, str]],
-    device: str,
-    snapshot_every: int,
-    eval_n: int,
-) -> tuple[UNet2DConditionModel, CLIPTextModel, float]:
-    """Train (or resume) text encoder + UNet; returns their EMA copies and the seconds."""
-    scale = latents[2]
-    torch.manual_seed(cfg.seed + 2)
-    te = make_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id).to(device)
-    unet = make_unet(cfg).to(device)
-    ema_te = copy.deepcopy(te).requires_grad_(False)
-    ema_unet = copy.deepcopy(unet).requires_grad_(False)
-    params = [*unet.parameters(), *te.parameters()]
-    ema_params = [*ema_unet.parameters(), *ema_te.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    gen = torch.Generator().manual_seed(cfg.seed + 3)
-    noise_sched = make_noise_scheduler()
-    mods = {"unet": unet, "text_encoder": te, "ema_unet": ema_unet, "ema_text_encoder": ema_te}
-    ckpt = work / "unet"
-    state = load_checkpoint(ckpt, mods, opt, gen) or {"step": 0}
-    step, t0 = state["step"], time.time()
-    if 0 < step < cfg.steps:
-        log(f"resumed unet at step {step}")
-    alphas = noise_sched.alphas_cumprod.to(device)
-    t_last, done_last, losses = time.time(), step, []
-    every = max(1, min(200, cfg.steps // 20))
-    while step < cfg.steps:
-        idx, zt, t, noise, ids = _batch(cfg, latents, attrs, tok, alphas, gen, device)
-        loss = F.mse_loss(unet(zt, t, te(ids)[0]).sample, noise)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
-        losses.append(loss.item())
-        if step % every == 0 or step == cfg.steps:
-            rate = (step - done_last) / (time.time() - t_last)
-            eta = (cfg.steps - step) / max(rate, 1e-9) / 60
-            log(
-                f"unet step {step}/{cfg.steps} loss {np.mean(losses):.4f} {rate:.2f} steps/s "
-                f"eta {eta:.0f} min"
-            )
-            t_last, done_last, losses = time.time(), step, []
-            seconds = state.get("seconds", 0.0) + time.time() - t0
-            save_checkpoint(ckpt, mods, opt, gen, {"step": step, "seconds": seconds})
-        if snapshot_every and step % snapshot_every == 0 and step < cfg.steps:
-            snap = work / "snapshot"
-            export(snap, vae, ema_te, tok, merges, ema_unet, scale, {"step": step})
-            if eval_n:
-                t_eval = time.time()
-                result = run_eval(snap, eval_n, device)
-                log(f"eval at step {step}: {json.dumps(result)} ({time.time() - t_eval:.0f}s)")
-            t_last = time.time()
-    state = json.loads(((_existing(ckpt) or ckpt) / "state.json").read_text())
-    log(f"unet done ({state.get('seconds', 0):.0f}s of training)")
-    return ema_unet.eval(), ema_te.eval(), state.get("seconds", 0.0)
+    def loss_of(prediction, noise, idx, t):
+        weight = 1.0 + cfg.shape_weight * coverage()[idx.to(device)]
+        weight = weight * snr_weight[t].view(-1, 1, 1, 1)
+        return (weight * (prediction - noise).pow(2)).mean()
+
+    return _run_phase(
+        "refine",
+        cfg,
+        mods,
+        torch.Generator().manual_seed(cfg.seed + 4),
+        total=cfg.refine_steps,
+        lr=cfg.refine_lr,
+        loss_of=loss_of,
+        ema_decay=lambda _step: cfg.ema_decay,
+        latents=latents,
+        attrs=attrs,
+        tok=tok,
+        work=work,
+        vae=vae,
+        merges=merges,
+        device=device,
+        snapshot_every=snapshot_every,
+        eval_n=eval_n,
+    )
 
 
 def export(
