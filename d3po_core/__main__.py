@@ -98,21 +98,27 @@ def _ddpo(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adv-clip", type=float, default=d.adv_clip, help="advantage clip")
 
 
+def _loop_settings(args: argparse.Namespace, defaults: D3POConfig | DDPOConfig) -> dict:
+    """The options both methods' rounds take; --lr, --epochs, --grad-accum default per method."""
+    return {
+        "learning_rate": defaults.learning_rate if args.lr is None else args.lr,
+        "timestep_fraction": args.timestep_fraction,
+        "epochs": defaults.epochs if args.epochs is None else args.epochs,
+        "batch_size": args.batch_size,
+        "grad_accum": defaults.grad_accum if args.grad_accum is None else args.grad_accum,
+        "max_grad_norm": args.max_grad_norm,
+        "mixed_precision": args.mixed_precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "seed": args.train_seed,
+        "lora": LoraSettings(rank=args.rank, alpha=args.alpha),
+    }
+
+
 def _ddpo_config(args: argparse.Namespace) -> DDPOConfig:
-    d = DDPOConfig()
     return DDPOConfig(
-        learning_rate=d.learning_rate if args.lr is None else args.lr,
         clip_range=args.clip_range,
         adv_clip=args.adv_clip,
-        timestep_fraction=args.timestep_fraction,
-        epochs=d.epochs if args.epochs is None else args.epochs,
-        batch_size=args.batch_size,
-        grad_accum=d.grad_accum if args.grad_accum is None else args.grad_accum,
-        max_grad_norm=args.max_grad_norm,
-        mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        seed=args.train_seed,
-        lora=LoraSettings(rank=args.rank, alpha=args.alpha),
+        **_loop_settings(args, DDPOConfig()),
     )
 
 
@@ -122,24 +128,14 @@ def _optional_float(text: str) -> float | None:
 
 def _config(args: argparse.Namespace) -> D3POConfig:
     pairs: PairMode = args.pairs
-    d = D3POConfig()
     return D3POConfig(
         beta=args.beta,
         reduction=args.reduction,
         ratio_clip=args.ratio_clip,
         pairs=pairs,
-        timestep_fraction=args.timestep_fraction,
-        learning_rate=d.learning_rate if args.lr is None else args.lr,
-        epochs=d.epochs if args.epochs is None else args.epochs,
-        batch_size=args.batch_size,
-        grad_accum=d.grad_accum if args.grad_accum is None else args.grad_accum,
-        max_grad_norm=args.max_grad_norm,
-        mixed_precision=args.mixed_precision,
         reference=args.reference,
-        gradient_checkpointing=args.gradient_checkpointing,
         replay=args.replay,
-        seed=args.train_seed,
-        lora=LoraSettings(rank=args.rank, alpha=args.alpha),
+        **_loop_settings(args, D3POConfig()),
     )
 
 

@@ -35,6 +35,7 @@ from .trainer import (
     NoPicksError,
     ProgressEvent,
     RoundResult,
+    RoundSettings,
     log_probs_of,
     make_accelerator,
     make_batches,
@@ -45,7 +46,7 @@ from .trainer import (
 
 
 @dataclass
-class DDPOConfig:
+class DDPOConfig(RoundSettings):
     """Settings of one DDPO round (the official code's choices where they apply).
 
     clip_range: PPO's ε on the per-dimension ratio.
@@ -75,22 +76,12 @@ class DDPOConfig:
     def to_dict(self) -> dict:
         return {"method": "ddpo", **asdict(self)}
 
-    @classmethod
-    def from_dict(cls, data: dict) -> DDPOConfig:
-        data = dict(data)
-        lora = LoraSettings(**data.pop("lora", {}))
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(lora=lora, **known)
-
     def validate(self) -> None:
         if not 0 < self.clip_range < 1:
             raise ValueError(f"clip_range must be in (0, 1), not {self.clip_range}")
         if self.adv_clip <= 0:
             raise ValueError(f"adv_clip must be > 0, not {self.adv_clip}")
-        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("epochs, batch_size and grad_accum must be ≥ 1")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, not {self.learning_rate}")
+        super().validate()
         if self.reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', not {self.reduction!r}")
 

@@ -27,8 +27,29 @@ from .models import LoraSettings, add_lora, has_lora, lora_parameters, set_lora_
 from .sampling import Trajectory, ddim_step, guided_model_output
 
 
+class RoundSettings:
+    """What D3PO's and DDPO's round settings share: loading from a dict, the loop's checks.
+
+    Subclasses are dataclasses with the fields learning_rate, epochs, batch_size, grad_accum
+    and lora.
+    """
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        data = dict(data)
+        lora = LoraSettings(**data.pop("lora", {}))
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(lora=lora, **known)
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("epochs, batch_size and grad_accum must be ≥ 1")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, not {self.learning_rate}")
+
+
 @dataclass
-class D3POConfig:
+class D3POConfig(RoundSettings):
     """Settings of one D3PO round. Every default is chosen to be safe for a first round.
 
     beta: scale of the margin Δ. With ``reduction="sum"`` the log-ratios are summed over the
@@ -71,20 +92,10 @@ class D3POConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> D3POConfig:
-        data = dict(data)
-        lora = LoraSettings(**data.pop("lora", {}))
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(lora=lora, **known)
-
     def validate(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, not {self.beta}")
-        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("epochs, batch_size and grad_accum must be ≥ 1")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, not {self.learning_rate}")
+        super().validate()
         if self.reference not in ("base", "previous"):
             raise ValueError(f"reference must be 'base' or 'previous', not {self.reference!r}")
 

@@ -171,3 +171,15 @@ def test_a_partial_accumulation_group_still_makes_a_step(pipe, grid):
     # the last, partial group moved the weights too, and left no gradient behind
     assert any(not torch.equal(a, b) for a, b in zip(*snapshots, strict=True))
     assert all(p.grad is None or not p.grad.any() for p in lora_parameters(pipe.unet))
+
+
+def test_settings_round_trip_through_a_round_record():
+    from d3po_core.models import LoraSettings
+    from d3po_core.trainer import D3POConfig
+
+    ddpo = DDPOConfig(learning_rate=1e-4, clip_range=0.01, lora=LoraSettings(rank=8))
+    assert DDPOConfig.from_dict(ddpo.to_dict()) == ddpo  # the "method" tag is not a field
+    d3po = D3POConfig(beta=0.5, pairs="implied")
+    assert D3POConfig.from_dict(d3po.to_dict()) == d3po
+    with pytest.raises(ValueError, match="epochs"):
+        DDPOConfig(epochs=0).validate()
