@@ -12,12 +12,11 @@ Prints the markdown table of docs/benchmarks.md and writes docs/img/ablation.png
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pandas as pd
-import torch
-from runs import ROOT, load_results, machine, run_specs, spec
+import runs
+from runs import spec
 
 OBJECTIVE = "jpeg_compressibility"
 SHARED = {"shared_noise": True}
@@ -125,34 +124,11 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--model", default=None, help="default: the embedded model")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning")
-    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "ablation.png")
-    p.add_argument("--part", default="1/1", help="i/k: run every k-th spec from the i-th")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.add_argument("--only", default=None, help="comma-separated variants to run")
-    p.add_argument("--report-only", action="store_true")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    all_specs = specs(args.seeds, args.rounds)
-    if args.only:
-        all_specs = [s for s in all_specs if s["variant"] in args.only.split(",")]
-    if not args.report_only:
-        print(f"machine: {machine()}")
-        run_specs(all_specs, args.out, args.model, args.part)
-    results = load_results(all_specs, args.out)
-    if not results:
-        return
+def report(results: list[dict], plot_path: Path) -> None:
     table = summary(results)
     print(markdown(table))
-    plot(table, args.plot)
-    print(f"plot: {args.plot}")
+    plot(table, plot_path)
 
 
 if __name__ == "__main__":
-    main()
+    runs.main(__doc__.splitlines()[0], specs, report, seeds=2, plot="ablation.png")

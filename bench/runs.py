@@ -7,11 +7,13 @@ method's config and of the sampling settings. ``run_specs`` runs what is not cac
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -129,3 +131,37 @@ def load_results(specs: list[dict], out: Path) -> list[dict]:
     """The cached results of ``specs`` (missing ones are skipped)."""
     paths = [out / f"{s['id']}.json" for s in specs]
     return [json.loads(p.read_text()) for p in paths if p.exists()]
+
+
+def main(
+    description: str,
+    specs: Callable[[int, int], list[dict]],
+    report: Callable[[list[dict], Path], None],
+    *,
+    seeds: int,
+    plot: str,
+) -> None:
+    """The command line both learning benchmarks share: run what is missing, then report."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--seeds", type=int, default=seeds)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--model", default=None, help="default: the embedded model")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning")
+    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / plot)
+    p.add_argument("--part", default="1/1", help="i/k: run every k-th spec from the i-th")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--only", default=None, help="comma-separated variants to run")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    all_specs = specs(args.seeds, args.rounds)
+    if args.only:
+        all_specs = [s for s in all_specs if s["variant"] in args.only.split(",")]
+    if not args.report_only:
+        print(f"machine: {machine()}")
+        run_specs(all_specs, args.out, args.model, args.part)
+    results = load_results(all_specs, args.out)
+    if results:
+        report(results, args.plot)
+        print(f"plot: {args.plot}")
