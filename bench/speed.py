@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from d3po_core.models import default_model, load_pipeline, remove_lora
+from d3po_core.models import assemble_pipeline, default_model, load_pipeline, remove_lora
 from d3po_core.sampling import SampleSettings, sample_grid
 from d3po_core.trainer import D3POConfig, Example, run_round
 
@@ -111,7 +111,7 @@ def rounds(pipe, settings: SampleSettings, config: D3POConfig, picks: int, repea
 
 def build_sd15(folder: Path, size: int) -> Path:
     """A Stable Diffusion 1.5-architecture pipeline with random weights, saved to ``folder``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, DDIMScheduler
     from diffusers import UNet2DConditionModel as UNet
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -150,15 +150,8 @@ def build_sd15(folder: Path, size: int) -> Path:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = assemble_pipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
     )
     pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     return folder

@@ -98,6 +98,21 @@ def _check_local_folder(path: Path) -> None:
         )
 
 
+def assemble_pipeline(*, vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline from its parts, with no safety checker: what the project's
+    model builders save as a folder."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def load_pipeline(
     model: str | Path,
     *,

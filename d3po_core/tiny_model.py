@@ -15,10 +15,11 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     PNDMScheduler,
-    StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .models import assemble_pipeline
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -122,15 +123,8 @@ def build_tiny_pipeline(
         if scheduler == "pndm"
         else DDIMScheduler(clip_sample=False, **common)
     )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = assemble_pipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sched
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out

@@ -38,6 +38,7 @@ from diffusers import (
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..models import assemble_pipeline
 from . import world
 from .checker import ATTRIBUTES, evaluate, read_image
 from .tokenizer import check_tokenizer, make_tokenizer, save_tokenizer
@@ -600,15 +601,8 @@ def export(
     scheduler = DDIMScheduler.from_config(
         make_noise_scheduler().config, set_alpha_to_one=False, steps_offset=1
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=te,
-        tokenizer=tok,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = assemble_pipeline(
+        vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler
     )
 
     def write(tmp: Path) -> None:
