@@ -400,6 +400,21 @@ def shape_coverage(images: np.ndarray, attrs: np.ndarray, factor: int = 8) -> to
     return torch.cat(out)
 
 
+@dataclass
+class _Phase:
+    """What every UNet training phase reads and where it writes."""
+
+    latents: tuple[torch.Tensor, torch.Tensor, float]
+    attrs: np.ndarray
+    tok: CLIPTokenizer
+    merges: list[tuple[str, str]]
+    vae: AutoencoderKL
+    work: Path
+    device: str
+    snapshot_every: int
+    eval_n: int
+
+
 def _models(cfg: Config, tok: CLIPTokenizer, device: str) -> dict[str, torch.nn.Module]:
     """Text encoder and UNet (created in that order) and their EMA copies."""
     te = make_text_encoder(cfg, len(tok), tok.bos_token_id, tok.eos_token_id).to(device)
@@ -417,27 +432,20 @@ def _run_phase(
     cfg: Config,
     mods: dict[str, torch.nn.Module],
     gen: torch.Generator,
+    ctx: _Phase,
     *,
     total: int,
     lr: float,
     loss_of: Callable[..., torch.Tensor],
     ema_decay: Callable[[int], float],
-    latents: tuple[torch.Tensor, torch.Tensor, float],
-    attrs: np.ndarray,
-    tok: CLIPTokenizer,
-    work: Path,
-    vae: AutoencoderKL,
-    merges: list[tuple[str, str]],
-    device: str,
-    snapshot_every: int,
-    eval_n: int,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, float]:
-    """Train (or resume, from ``work/label``) text encoder + UNet for ``total`` steps.
+    """Train (or resume, from ``ctx.work/label``) text encoder + UNet for ``total`` steps.
 
     ``loss_of(prediction, noise, idx, t)`` gives the batch loss; AdamW at ``lr`` with warmup
     and cosine decay, gradient clipping, EMA with ``ema_decay(step)``, checkpoints, progress
     lines and scored EMA snapshots. Returns the EMA copies and the phase's seconds.
     """
+    latents, attrs, tok, work, device = ctx.latents, ctx.attrs, ctx.tok, ctx.work, ctx.device
     unet, te = mods["unet"], mods["text_encoder"]
     ema_unet, ema_te = mods["ema_unet"], mods["ema_text_encoder"]
     params = [*unet.parameters(), *te.parameters()]
@@ -474,12 +482,12 @@ def _run_phase(
             t_last, done_last, losses = time.time(), step, []
             seconds = state.get("seconds", 0.0) + time.time() - t0
             save_checkpoint(ckpt, mods, opt, gen, {"step": step, "seconds": seconds})
-        if snapshot_every and step % snapshot_every == 0 and step < total:
+        if ctx.snapshot_every and step % ctx.snapshot_every == 0 and step < total:
             snap = work / "snapshot"
-            export(snap, vae, ema_te, tok, merges, ema_unet, latents[2], {label: step})
-            if eval_n:
+            export(snap, ctx.vae, ema_te, tok, ctx.merges, ema_unet, latents[2], {label: step})
+            if ctx.eval_n:
                 t_eval = time.time()
-                result = run_eval(snap, eval_n, device)
+                result = run_eval(snap, ctx.eval_n, device)
                 took = time.time() - t_eval
                 log(f"eval at {label} step {step}: {json.dumps(result)} ({took:.0f}s)")
             t_last = time.time()
@@ -488,21 +496,10 @@ def _run_phase(
     return ema_unet.eval(), ema_te.eval(), state.get("seconds", 0.0)
 
 
-def train_unet(
-    cfg: Config,
-    latents: tuple[torch.Tensor, torch.Tensor, float],
-    attrs: np.ndarray,
-    tok: CLIPTokenizer,
-    work: Path,
-    vae: AutoencoderKL,
-    merges: list[tuple[str, str]],
-    device: str,
-    snapshot_every: int,
-    eval_n: int,
-) -> tuple[UNet2DConditionModel, CLIPTextModel, float]:
+def train_unet(cfg: Config, ctx: _Phase) -> tuple[UNet2DConditionModel, CLIPTextModel, float]:
     """Train (or resume) text encoder + UNet on the plain epsilon loss; EMA copies, seconds."""
     torch.manual_seed(cfg.seed + 2)
-    mods = _models(cfg, tok, device)
+    mods = _models(cfg, ctx.tok, ctx.device)
 
     def loss_of(prediction, noise, _idx, _t):
         return F.mse_loss(prediction, noise)
@@ -512,42 +509,25 @@ def train_unet(
         cfg,
         mods,
         torch.Generator().manual_seed(cfg.seed + 3),
+        ctx,
         total=cfg.steps,
         lr=cfg.lr,
         loss_of=loss_of,
         ema_decay=lambda step: min(cfg.ema_decay, (1 + step) / (10 + step)),
-        latents=latents,
-        attrs=attrs,
-        tok=tok,
-        work=work,
-        vae=vae,
-        merges=merges,
-        device=device,
-        snapshot_every=snapshot_every,
-        eval_n=eval_n,
     )
 
 
 def refine_unet(
-    cfg: Config,
-    latents: tuple[torch.Tensor, torch.Tensor, float],
-    images: np.ndarray,
-    attrs: np.ndarray,
-    tok: CLIPTokenizer,
-    work: Path,
-    vae: AutoencoderKL,
-    merges: list[tuple[str, str]],
-    device: str,
-    snapshot_every: int,
-    eval_n: int,
+    cfg: Config, ctx: _Phase, images: np.ndarray
 ) -> tuple[UNet2DConditionModel, CLIPTextModel, float]:
     """Continue the main phase: shape-weighted, Min-SNR-weighted epsilon loss (resumable).
 
     Starts from the main phase's final weights and EMA; a fresh optimizer, its own seeded
     generator and a warmup-then-cosine schedule at ``refine_lr``. Returns the EMA copies.
     """
-    mods = _models(cfg, tok, device)
-    main = _existing(work / "unet")
+    device = ctx.device
+    mods = _models(cfg, ctx.tok, device)
+    main = _existing(ctx.work / "unet")
     if main is None:
         raise RuntimeError("the main phase has no checkpoint to refine")
     for name, mod in mods.items():
@@ -558,7 +538,7 @@ def refine_unet(
 
     @functools.cache  # on the first step: a finished phase never computes it
     def coverage() -> torch.Tensor:
-        return shape_coverage(images, attrs).to(device)
+        return shape_coverage(images, ctx.attrs).to(device)
 
     def loss_of(prediction, noise, idx, t):
         weight = 1.0 + cfg.shape_weight * coverage()[idx.to(device)]
@@ -570,19 +550,11 @@ def refine_unet(
         cfg,
         mods,
         torch.Generator().manual_seed(cfg.seed + 4),
+        ctx,
         total=cfg.refine_steps,
         lr=cfg.refine_lr,
         loss_of=loss_of,
         ema_decay=lambda _step: cfg.ema_decay,
-        latents=latents,
-        attrs=attrs,
-        tok=tok,
-        work=work,
-        vae=vae,
-        merges=merges,
-        device=device,
-        snapshot_every=snapshot_every,
-        eval_n=eval_n,
     )
 
 
@@ -689,32 +661,12 @@ def main(argv: list[str] | None = None) -> None:
     log(f"vae reconstructions: {json.dumps(report)}")
     latents = cache_latents(vae, images, work, args.device)
     tok, merges = make_tokenizer(world.WORDS, cfg.max_length)
-    unet, te, unet_seconds = train_unet(
-        cfg,
-        latents,
-        attrs,
-        tok,
-        work,
-        vae,
-        merges,
-        args.device,
-        args.snapshot_every,
-        args.eval_n // 2,
+    ctx = _Phase(
+        latents, attrs, tok, merges, vae, work, args.device, args.snapshot_every, args.eval_n // 2
     )
+    unet, te, unet_seconds = train_unet(cfg, ctx)
     if cfg.refine_steps:
-        unet, te, refine_seconds = refine_unet(
-            cfg,
-            latents,
-            images,
-            attrs,
-            tok,
-            work,
-            vae,
-            merges,
-            args.device,
-            args.snapshot_every,
-            args.eval_n // 2,
-        )
+        unet, te, refine_seconds = refine_unet(cfg, ctx, images)
         unet_seconds += refine_seconds
     command = " ".join(
         ["python -m d3po_core.embedded.train", *(sys.argv[1:] if argv is None else argv)]
