@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from d3po_core.models import ModelLoadError
+from d3po_core.errors import D3POError
 
 DEFAULT_SESSION = Path("sessions") / "default"
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         controller = StudioController(args.session, model=args.model, device=args.device)
-    except (ModelLoadError, ValueError) as exc:
+    except D3POError as exc:  # a missing model, a bad session folder, …
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app = build_app(controller)

@@ -12,23 +12,24 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pandas as pd
 import torch
 from PIL import Image
 
 from d3po_core import export, workflow
+from d3po_core.errors import D3POError, SettingsError, report_unexpected
 from d3po_core.models import base_model, default_model, load_lora, load_pipeline, remove_lora
+from d3po_core.objectives.d3po import D3POConfig
+from d3po_core.rounds import ProgressEvent
 from d3po_core.sampling import SampleSettings, sample_grid
-from d3po_core.session import Session
-from d3po_core.trainer import D3POConfig, ProgressEvent
-
-MAX_PROMPT_CHARS = 500
-MIN_GRID, MAX_GRID = 2, 16
+from d3po_core.session import Session, reports
+from d3po_core.settings import check_prompt, spec
 
 
-class StudioError(ValueError):
-    """Bad input or a failed action, with a message fit to show a user."""
+class StudioError(D3POError):
+    """A studio action that cannot be done now (e.g. export with no active round)."""
 
 
 @dataclass
@@ -51,6 +52,9 @@ class BlindPair:
     left: Image.Image
     right: Image.Image
     left_is: str  # "a" (the base) or "b" (the round)
+
+
+T = TypeVar("T")
 
 
 def _oom_message() -> str:
@@ -80,6 +84,27 @@ class StudioController:
     def close(self) -> None:
         self.session.close()
 
+    @property
+    def session_root(self) -> Path:
+        return self.session.root
+
+    def describe_error(self, exc: Exception) -> str:
+        """The line a front end shows for a failed action: a user error's own message; for
+        anything else a short note, its traceback logged to the session's logs/errors.log."""
+        if isinstance(exc, D3POError):
+            return f"⚠️ {exc}"
+        return f"⚠️ {report_unexpected(exc, self.session_root)}"
+
+    def attempt(
+        self, action: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> tuple[T | None, str | None]:
+        """Run a front end's action: (its result, None), or (None, the line to show) when it
+        fails. Every exception is caught; only a :class:`D3POError` is shown as it is."""
+        try:
+            return action(*args, **kwargs), None
+        except Exception as exc:
+            return None, self.describe_error(exc)
+
     @contextmanager
     def _job(self) -> Iterator[None]:
         """One GPU job at a time; out-of-memory becomes a clear message."""
@@ -97,19 +122,18 @@ class StudioController:
         prompt: str,
         n: int | None = None,
         *,
+        settings: SampleSettings | None = None,
         seed: int | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> GridView:
-        """Sample and store a grid for the prompt with the active adapter."""
-        prompt = (prompt or "").strip()
-        if not prompt:
-            raise StudioError("type a prompt first")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise StudioError(f"the prompt is too long ({len(prompt)} > {MAX_PROMPT_CHARS} chars)")
-        n = self.sample_settings.n if n is None else int(n)
-        if not MIN_GRID <= n <= MAX_GRID:
-            raise StudioError(f"grid size must be between {MIN_GRID} and {MAX_GRID}, not {n}")
-        settings = replace(self.sample_settings, n=n)
+        """Sample and store a grid for the prompt with the active adapter.
+
+        settings: how to sample (default: the controller's); n, when given, is the grid size.
+        """
+        prompt = check_prompt(prompt or "")
+        settings = settings or self.sample_settings
+        if n is not None:  # checked against the grid size's declared bounds
+            settings = replace(settings, n=int(n))
         with self._job():
             grid_id, grid = workflow.generate(
                 self.pipe, self.session, prompt, settings, seed=seed, on_step=on_step
@@ -126,7 +150,7 @@ class StudioController:
     def pick(self, grid_id: int, best: int, worst: int, labeler: str = "") -> int:
         """Record best/worst; durable when it returns."""
         if best == worst:
-            raise StudioError("best and worst must be two different images")
+            raise SettingsError("best and worst must be two different images")
         return self.session.add_pick(grid_id, best=best, worst=worst, labeler=labeler)
 
     def tie(self, grid_id: int, labeler: str = "") -> int:
@@ -192,15 +216,17 @@ class StudioController:
         self, round_id: int, prompt: str, seeds: list[int]
     ) -> tuple[list[Image.Image], list[Image.Image]]:
         """Base and round images for one prompt on the same seeds (independent noise)."""
-        prompt = (prompt or "").strip()
-        if not prompt:
-            raise StudioError("type a prompt to compare")
-        settings = replace(self.sample_settings, n=len(seeds), shared_noise=False)
+        prompt = check_prompt(prompt or "")
+        # a grid has at least the declared smallest size: pad with seeds whose images are dropped
+        smallest = int(spec(SampleSettings, "n").low)
+        start = max(seeds, default=-1) + 1
+        padded = [*seeds, *range(start, start + smallest - len(seeds))]
+        settings = replace(self.sample_settings, n=len(padded), shared_noise=False)
         with self._job(), self._round_adapter(round_id):
-            tuned = sample_grid(self.pipe, prompt, settings, seeds=seeds).images
+            tuned = sample_grid(self.pipe, prompt, settings, seeds=padded).images
             with base_model(self.pipe.unet):
-                base = sample_grid(self.pipe, prompt, settings, seeds=seeds).images
-        return base, tuned
+                base = sample_grid(self.pipe, prompt, settings, seeds=padded).images
+        return base[: len(seeds)], tuned[: len(seeds)]
 
     def blind_pair(self, round_id: int, prompt: str, seed: int | None = None) -> BlindPair:
         """One base/round image pair on the same seed, shown in random order."""
@@ -214,7 +240,7 @@ class StudioController:
     def vote(self, pair: BlindPair, choice: str, labeler: str = "") -> pd.DataFrame:
         """Record a blind vote ('left', 'right' or 'tie'); returns the win rates."""
         if choice not in ("left", "right", "tie"):
-            raise StudioError(f"a vote is left, right or tie, not {choice!r}")
+            raise SettingsError(f"a vote is left, right or tie, not {choice!r}")
         right_is = "b" if pair.left_is == "a" else "a"
         winner = {"left": pair.left_is, "right": right_is, "tie": "tie"}[choice]
         self.session.add_comparison(
@@ -226,7 +252,7 @@ class StudioController:
             labeler=labeler,
             shown_left=pair.left_is,
         )
-        return self.session.win_rates()
+        return reports.win_rates(self.session)
 
     # -- history --------------------------------------------------------------------------------
 
@@ -237,10 +263,14 @@ class StudioController:
         return self.session.picks_df()
 
     def agreement(self) -> pd.DataFrame:
-        return self.session.agreement_df()
+        return reports.agreement_df(self.session)
 
     def win_rates(self) -> pd.DataFrame:
-        return self.session.win_rates()
+        return reports.win_rates(self.session)
+
+    def active_round(self) -> int | None:
+        """The round whose adapter samples now (None: the base model)."""
+        return self.session.active_round
 
     def activate(self, round_id: int | None) -> None:
         """Sample from a round's adapter from now on, or from the base model (None)."""

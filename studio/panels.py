@@ -2,22 +2,23 @@
 
 Each panel is one line in a notebook (``LabelPanel(ctl)``) and displays itself; its buttons
 call controller verbs only. A script or a test drives a panel by calling ``button.click()``,
-exactly as a click would.
+exactly as a click would. Settings widgets come from their declarations
+(:mod:`studio.controls`), messages and tables from :mod:`studio.views`, as in the app.
 """
 
 from __future__ import annotations
 
 import io
+import re
 
 import ipywidgets as widgets
 import pandas as pd
 from PIL import Image
 
-from d3po_core.trainer import D3POConfig, NoPicksError, RoundCancelled
+from d3po_core.errors import RoundCancelled
 
-from .controller import StudioController, StudioError
-
-USER_ERRORS = (StudioError, NoPicksError, ValueError)
+from . import controls, views
+from .controller import StudioController
 
 
 def _png(image: Image.Image, size: int = 160) -> bytes:
@@ -26,13 +27,37 @@ def _png(image: Image.Image, size: int = 160) -> bytes:
     return buffer.getvalue()
 
 
+def _html(markdown: str) -> str:
+    """The views' short Markdown (bold only) as HTML."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", markdown)
+
+
+def _settings_box(
+    root: type, main: tuple[str, ...], more: tuple[str, ...], title: str, base=None
+) -> tuple[dict[str, widgets.Widget], widgets.Widget]:
+    """Widgets for the main settings and, folded under ``title``, the others."""
+    value = (lambda path: getattr(base, path)) if base is not None else (lambda path: None)
+    found = {path: controls.widget(root, path, value(path)) for path in main + more}
+    folded = widgets.Accordion(
+        children=[widgets.VBox([found[p] for p in more])], titles=(title,), selected_index=None
+    )
+    return found, widgets.VBox([widgets.HBox([found[p] for p in main]), folded])
+
+
 class _Panel:
     def __init__(self, ctl: StudioController) -> None:
         self.ctl = ctl
         self.status = widgets.HTML("")
 
     def _say(self, text: str) -> None:
-        self.status.value = text
+        self.status.value = _html(text)
+
+    def _attempt(self, action, *args, **kwargs):
+        """The action's result, or None after showing why it failed."""
+        result, error = self.ctl.attempt(action, *args, **kwargs)
+        if error:
+            self._say(error)
+        return result, error
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
@@ -47,9 +72,14 @@ class LabelPanel(_Panel):
         super().__init__(ctl)
         self.labeler = widgets.Text(value=labeler, description="Name")
         self.prompt = widgets.Text(value="a circle", description="Prompt")
-        self.grid_size = widgets.IntSlider(
-            value=ctl.sample_settings.n, min=2, max=16, description="Grid"
+        self.sampling, settings_box = _settings_box(
+            controls.SAMPLE_ROOT,
+            controls.LABEL_MAIN,
+            controls.SAMPLING,
+            "Sampling",
+            ctl.sample_settings,
         )
+        self.grid_size = self.sampling["n"]
         self.generate_button = widgets.Button(description="Generate", button_style="primary")
         self.save_button = widgets.Button(description="Save pick", button_style="success")
         self.tie_button = widgets.Button(description="Tie")
@@ -69,7 +99,8 @@ class LabelPanel(_Panel):
         buttons = [self.generate_button, self.save_button, self.tie_button, self.skip_button]
         self.widget = widgets.VBox(
             [
-                widgets.HBox([self.labeler, self.prompt, self.grid_size]),
+                widgets.HBox([self.labeler, self.prompt]),
+                settings_box,
                 widgets.HBox([*buttons, self.undo_button]),
                 self.counter,
                 self.grid_box,
@@ -79,15 +110,16 @@ class LabelPanel(_Panel):
         self._count()
 
     def _count(self) -> None:
-        self.counter.value = (
-            f"<b>{self.ctl.picks_since_last_round()}</b> pick(s) since the last round"
-        )
+        self.counter.value = _html(views.picks_waiting(self.ctl.picks_since_last_round()))
+
+    def _sample(self, seed: int | None):
+        values = {path: w.value for path, w in self.sampling.items()}
+        settings = controls.settings_from(self.ctl.sample_settings, values)
+        return self.ctl.generate(self.prompt.value, settings=settings, seed=seed)
 
     def generate(self, seed: int | None = None) -> None:
-        try:
-            view = self.ctl.generate(self.prompt.value, self.grid_size.value, seed=seed)
-        except USER_ERRORS as exc:
-            self._say(f"⚠️ {exc}")
+        view, error = self._attempt(self._sample, seed)
+        if error:
             return
         self.grid_id = view.grid_id
         self.roles = [
@@ -100,7 +132,7 @@ class LabelPanel(_Panel):
             widgets.VBox([widgets.Image(value=_png(img), width=160, height=160), role])
             for img, role in zip(view.images, self.roles, strict=True)
         ]
-        self._say(f"Grid {view.grid_id}: mark the best and the worst, then Save pick.")
+        self._say(f"{views.grid_caption(view)}: mark the best and the worst, then Save pick.")
 
     def choose(self, best: int, worst: int) -> None:
         """Set the toggles as a user would (used by scripts and tests)."""
@@ -113,21 +145,20 @@ class LabelPanel(_Panel):
         if self.grid_id is None or len(best) != 1 or len(worst) != 1:
             self._say("Mark exactly one best and one worst image first.")
             return
-        try:
-            pick_id = self.ctl.pick(self.grid_id, best[0], worst[0], labeler=self.labeler.value)
-        except USER_ERRORS as exc:
-            self._say(f"⚠️ {exc}")
-            return
-        self._count()
-        self._next(f"Saved pick {pick_id}.")
+        name = self.labeler.value
+        pick_id, error = self._attempt(self.ctl.pick, self.grid_id, best[0], worst[0], name)
+        if not error:
+            self._count()
+            self._next(f"Saved pick {pick_id}.")
 
     def _mark(self, kind: str) -> None:
         if self.grid_id is None:
             self._say("Generate a grid first.")
             return
-        getattr(self.ctl, kind)(self.grid_id, labeler=self.labeler.value)
-        self._count()
-        self._next(f"Saved {kind}.")
+        _, error = self._attempt(getattr(self.ctl, kind), self.grid_id, self.labeler.value)
+        if not error:
+            self._count()
+            self._next(f"Saved {kind}.")
 
     def _next(self, said: str) -> None:
         self.prompt.value = self.ctl.next_prompt(self.prompt.value) or self.prompt.value
@@ -135,20 +166,23 @@ class LabelPanel(_Panel):
         self._say(f"{said} {self.status.value}")
 
     def undo(self) -> None:
-        undone = self.ctl.undo(self.labeler.value or None)
-        self._count()
-        self._say("Nothing to undo." if undone is None else f"Undid pick {undone}.")
+        undone, error = self._attempt(self.ctl.undo, self.labeler.value or None)
+        if not error:
+            self._count()
+            self._say("Nothing to undo." if undone is None else f"Undid pick {undone}.")
 
 
 class TrainPanel(_Panel):
-    """Round settings, a progress bar with ETA, a live loss/accuracy plot."""
+    """Round settings (main and advanced), a progress bar with ETA, a live loss/accuracy plot.
+
+    A setting's widget is also an attribute by its name: ``panel.epochs.value = 1``.
+    """
 
     def __init__(self, ctl: StudioController) -> None:
         super().__init__(ctl)
-        d = D3POConfig()
-        self.beta = widgets.FloatText(value=d.beta, description="beta")
-        self.learning_rate = widgets.FloatText(value=d.learning_rate, description="lr")
-        self.epochs = widgets.IntSlider(value=d.epochs, min=1, max=20, description="epochs")
+        self.settings, settings_box = _settings_box(
+            controls.TRAIN_ROOT, controls.TRAIN_MAIN, controls.TRAIN_ADVANCED, "Advanced"
+        )
         self.train_button = widgets.Button(description="Train a round", button_style="primary")
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="round")
         self.eta = widgets.Label("")
@@ -158,16 +192,22 @@ class TrainPanel(_Panel):
         self.train_button.on_click(lambda _: self.train())
         self.widget = widgets.VBox(
             [
-                widgets.HBox([self.beta, self.learning_rate, self.epochs]),
+                settings_box,
                 widgets.HBox([self.train_button, self.progress, self.eta]),
                 self.plot,
                 self.status,
             ]
         )
 
+    def __getattr__(self, name: str):
+        settings = self.__dict__.get("settings", {})
+        if name in settings:
+            return settings[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
     def _on_progress(self, event) -> None:
         self.progress.max, self.progress.value = event.total, event.step
-        self.eta.value = f"step {event.step}/{event.total}, ETA {event.eta_s:.0f} s"
+        self.eta.value = views.progress_text(event)
         self.history.append({"step": event.step, "loss": event.loss, "accuracy": event.accuracy})
         self._draw()
 
@@ -180,24 +220,22 @@ class TrainPanel(_Panel):
             frame.plot(figsize=(6, 2.5), title="loss and accuracy")
             plt.show()
 
+    def _train(self) -> tuple[int, dict]:
+        values = {path: w.value for path, w in self.settings.items()}
+        config = controls.settings_from(controls.TRAIN_ROOT(), values)
+        return self.ctl.train(config, on_progress=self._on_progress)
+
     def train(self) -> None:
         self.history = []
-        config = D3POConfig(
-            beta=self.beta.value, learning_rate=self.learning_rate.value, epochs=self.epochs.value
-        )
         try:
-            self.result = self.ctl.train(config, on_progress=self._on_progress)
+            self.result = self._train()
         except RoundCancelled:
-            self._say("Cancelled; nothing was saved.")
+            self._say(views.CANCELLED)
             return
-        except USER_ERRORS as exc:
-            self._say(f"⚠️ {exc}")
+        except Exception as exc:
+            self._say(self.ctl.describe_error(exc))
             return
-        round_id, metrics = self.result
-        self._say(
-            f"Round {round_id} saved and active: loss {metrics['loss']:.4f}, "
-            f"accuracy {metrics['accuracy']:.2f}, {metrics['seconds']:.1f} s."
-        )
+        self._say(views.round_saved(*self.result))
 
 
 class ComparePanel(_Panel):
@@ -206,7 +244,7 @@ class ComparePanel(_Panel):
     def __init__(self, ctl: StudioController, labeler: str = "") -> None:
         super().__init__(ctl)
         self.labeler = labeler
-        rounds = [int(r) for r in ctl.rounds()["id"]] if len(ctl.rounds()) else []
+        rounds = views.round_ids(ctl.rounds())
         self.round = widgets.Dropdown(
             options=rounds, value=rounds[-1] if rounds else None, description="Round"
         )
@@ -236,22 +274,22 @@ class ComparePanel(_Panel):
         if self.round.value is None:
             self._say("Train a round first.")
             return
-        try:
-            self.pair = self.ctl.blind_pair(self.round.value, self.prompt.value)
-        except USER_ERRORS as exc:
-            self._say(f"⚠️ {exc}")
+        pair, error = self._attempt(self.ctl.blind_pair, self.round.value, self.prompt.value)
+        if error:
             return
-        self.left.value, self.right.value = _png(self.pair.left, 200), _png(self.pair.right, 200)
+        self.pair = pair
+        self.left.value, self.right.value = _png(pair.left, 200), _png(pair.right, 200)
         self._say("Which is better?")
 
     def vote(self, choice: str) -> None:
         if self.pair is None:
             self._say("Ask for a new pair first.")
             return
-        table = self.ctl.vote(self.pair, choice, labeler=self.labeler)
-        left = "base" if self.pair.left_is == "a" else f"round {self.pair.round_id}"
-        self._say(f"Left was {left}.")
-        self.rates.value = table.to_html(index=False)
+        table, error = self._attempt(self.ctl.vote, self.pair, choice, labeler=self.labeler)
+        if error:
+            return
+        self._say(views.reveal_text(self.pair))
+        self.rates.value = views.win_rate_table(table).to_html(index=False)
         self.pair = None
 
 
@@ -277,30 +315,17 @@ class HistoryPanel(_Panel):
 
     def refresh(self) -> None:
         rounds = self.ctl.rounds()
-        ids = [int(r) for r in rounds["id"]] if len(rounds) else []
+        ids = views.round_ids(rounds)
         self.round.options = [("base model", None)] + [(f"round {i}", i) for i in ids]
-        keep = [
-            c
-            for c in ("id", "active", "metric_picks", "metric_loss", "metric_accuracy")
-            if c in rounds
-        ]
-        picks = self.ctl.picks().drop(columns=["created"], errors="ignore")
         self.tables.value = (
             "<h4>Rounds</h4>"
-            + rounds[keep].to_html(index=False)
+            + views.round_table(rounds).to_html(index=False)
             + "<h4>Picks</h4>"
-            + picks.to_html(index=False)
+            + views.picks_table(self.ctl.picks()).to_html(index=False)
         )
 
     def activate(self) -> None:
-        try:
-            self.ctl.activate(self.round.value)
-        except USER_ERRORS as exc:
-            self._say(f"⚠️ {exc}")
-            return
-        self._say(
-            "Base model active."
-            if self.round.value is None
-            else f"Round {self.round.value} active."
-        )
-        self.refresh()
+        _, error = self._attempt(self.ctl.activate, self.round.value)
+        if not error:
+            self._say(views.activated(self.round.value))
+            self.refresh()

@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from d3po_core.trainer import D3POConfig, NoPicksError, RoundCancelled
+from d3po_core.errors import D3POError, ModelLoadError, NoPicksError, RoundCancelled, SettingsError
+from d3po_core.objectives.d3po import D3POConfig
+from d3po_core.settings import MAX_PROMPT_CHARS
 from studio.controller import StudioController, StudioError
 
 from .conftest import FAST
@@ -37,23 +39,23 @@ def test_generate_pick_undo_and_counter(ctl):
 @pytest.mark.parametrize(
     "prompt,n,message",
     [
-        ("", 4, "type a prompt"),
-        ("x" * 501, 4, "too long"),
-        ("a circle", 1, "between 2 and 16"),
-        ("a circle", 17, "between 2 and 16"),
+        ("", 4, "prompt is empty"),
+        ("x" * (MAX_PROMPT_CHARS + 1), 4, "too long"),
+        ("a circle", 1, "grid size must be between 2 and 16"),
+        ("a circle", 17, "grid size must be between 2 and 16"),
     ],
 )
 def test_bad_generate_input_is_refused_and_nothing_is_stored(ctl, prompt, n, message):
-    with pytest.raises(StudioError, match=message):
+    with pytest.raises(SettingsError, match=message):
         ctl.generate(prompt, n)
     assert ctl.session.grids_df().empty
 
 
 def test_pick_must_name_two_images(ctl):
     view = ctl.generate("a circle", seed=1)
-    with pytest.raises(StudioError, match="two different"):
+    with pytest.raises(SettingsError, match="two different"):
         ctl.pick(view.grid_id, 1, 1)
-    with pytest.raises(ValueError, match="out of range|outside"):
+    with pytest.raises(D3POError, match="out of range|outside"):
         ctl.pick(view.grid_id, 0, 9)
     assert ctl.picks().empty
 
@@ -79,7 +81,7 @@ def test_train_compare_vote_activate_export(ctl, tmp_path):
     pair = ctl.blind_pair(1, "a circle", seed=4)
     rates = ctl.vote(pair, "left" if pair.left_is == "b" else "right", labeler="ana")
     assert rates.loc[0, "wins"] == 1 and rates.loc[0, "win_rate"] == 1.0
-    with pytest.raises(StudioError, match="left, right or tie"):
+    with pytest.raises(SettingsError, match="left, right or tie"):
         ctl.vote(pair, "up")
 
     assert ctl.export_lora(tmp_path / "lora").is_file()
@@ -114,8 +116,6 @@ def test_cancel_from_another_thread_commits_nothing(ctl):
 
 
 def test_unknown_model_is_a_clear_error(tmp_path):
-    from d3po_core.models import ModelLoadError
-
     with pytest.raises(ModelLoadError, match="model folder not found"):
         StudioController(tmp_path / "s", model=str(tmp_path / "no-model"), device="cpu")
 
@@ -125,7 +125,7 @@ def test_corrupt_adapter_file_is_reported_and_nothing_lost(ctl):
     ctl.train(D3POConfig(epochs=1, batch_size=8))
     ctl.activate(None)
     (ctl.session.round_path(1) / "pytorch_lora_weights.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="corrupt or unreadable LoRA"):
+    with pytest.raises(ModelLoadError, match="corrupt or unreadable LoRA"):
         ctl.activate(1)
     assert len(ctl.picks()) == 2 and ctl.session.last_round() == 1
 

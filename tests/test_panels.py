@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from d3po_core.trainer import D3POConfig
+from d3po_core.objectives.d3po import D3POConfig
 from studio.panels import ComparePanel, HistoryPanel, LabelPanel, TrainPanel
 
 from .conftest import FAST
@@ -47,7 +47,7 @@ def test_panels_show_clear_messages(ctl):
     label = LabelPanel(ctl)
     label.prompt.value = ""
     label.generate_button.click()
-    assert "type a prompt" in label.status.value
+    assert "prompt is empty" in label.status.value
     train = TrainPanel(ctl)
     train.train_button.click()
     assert "label some grids" in train.status.value

@@ -1,0 +1,194 @@
+"""Settings controls derived from the engine's declarations (``d3po_core.settings``).
+
+A control's kind, bounds, step, choices, label and help all come from the field's
+declaration; this module only says which fields the studio shows (in the main row or under
+"Advanced"/"Sampling") and which it leaves at their default on purpose, and why. The Gradio
+app and the notebook panels build their controls from the same lists.
+
+Fields are named by path from a root settings class: ``"beta"`` or ``"lora.rank"`` of
+:class:`D3POConfig`, ``"steps"`` of :class:`SampleSettings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from d3po_core.errors import SettingsError
+from d3po_core.objectives.d3po import D3POConfig
+from d3po_core.settings import SampleSettings, Spec, spec
+
+# -- which fields the studio shows ------------------------------------------------------------
+
+TRAIN_MAIN = (
+    "beta",
+    "learning_rate",
+    "epochs",
+    "pairs",
+    "reduction",
+    "reference",
+    "timestep_fraction",
+)
+TRAIN_ADVANCED = (
+    "replay",
+    "ratio_clip",
+    "batch_size",
+    "grad_accum",
+    "max_grad_norm",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "lora.rank",
+    "lora.alpha",
+)
+TRAIN_HIDDEN = {
+    "seed": "fixes the order of a round's items for reproducible benchmarks (the CLI's "
+    "--train-seed); picking it by hand changes nothing a labeler can judge",
+    "lora.targets": "UNet module names: a wrong one fails the round, and only the first round "
+    "of a session reads it",
+}
+
+LABEL_MAIN = ("n",)
+SAMPLING = ("steps", "guidance", "eta", "shared_noise", "negative_prompt")
+SAMPLING_HIDDEN = {
+    "height": "the model's own size: other sizes sample worse, and a round trains grids of "
+    "one latent size only",
+    "width": "the model's own size: other sizes sample worse, and a round trains grids of "
+    "one latent size only",
+}
+
+TRAIN_ROOT, SAMPLE_ROOT = D3POConfig, SampleSettings
+NONE_CHOICE = "auto"  # an optional choice left to the engine (e.g. mixed precision)
+NONE_NUMBER = "off"  # an optional number that is not applied (e.g. ratio clipping)
+
+
+def field_spec(root: type, path: str) -> Spec:
+    """The declaration of a field by its path from a root settings class."""
+    *parents, name = path.split(".")
+    cls = root
+    for parent in parents:
+        cls = type(spec(cls, parent).default)
+    return spec(cls, name)
+
+
+def _is_slider(s: Spec) -> bool:
+    bounded = s.low is not None and s.high is not None and not s.optional
+    return bounded and (s.kind == "int" or s.step is not None)
+
+
+def _step(s: Spec) -> float:
+    return s.step if s.step is not None else 1
+
+
+# -- Gradio -----------------------------------------------------------------------------------
+
+
+def gradio_control(root: type, path: str, value: Any = None, **kwargs: Any):
+    """The Gradio input for one setting: label, help, bounds and choices from its declaration.
+
+    choice → Radio (Dropdown with "auto" when optional); bool → Checkbox; a number with both
+    bounds → Slider; another number → Number (empty: "off" when optional); text → Textbox.
+    """
+    import gradio as gr
+
+    s = field_spec(root, path)
+    value = s.default if value is None else value
+    common = {"label": s.label, "info": s.help, **kwargs}
+    if s.kind == "choice" and s.optional:
+        choices = [NONE_CHOICE, *s.choices]
+        return gr.Dropdown(choices, value=NONE_CHOICE if value is None else value, **common)
+    if s.kind == "choice":
+        return gr.Radio(list(s.choices), value=value, **common)
+    if s.kind == "bool":
+        return gr.Checkbox(value=value, **common)
+    if s.kind in ("int", "float") and _is_slider(s):
+        return gr.Slider(s.low, s.high, value=value, step=_step(s), **common)
+    if s.kind in ("int", "float"):
+        return gr.Number(
+            value=value,
+            minimum=None if s.low_open else s.low,
+            maximum=s.high,
+            precision=0 if s.kind == "int" else None,
+            placeholder=NONE_NUMBER if s.optional else None,
+            **common,
+        )
+    if s.kind == "str":
+        return gr.Textbox(value=value, **common)
+    raise TypeError(f"the studio has no control for {path} ({s.kind})")
+
+
+# -- ipywidgets -------------------------------------------------------------------------------
+
+
+def widget(root: type, path: str, value: Any = None):
+    """The ipywidgets input for one setting, built by the same rules as :func:`gradio_control`.
+
+    The help is the widget's tooltip; an optional number is a text box (empty: "off").
+    """
+    import ipywidgets as widgets
+
+    s = field_spec(root, path)
+    value = s.default if value is None else value
+    common = {
+        "description": s.label,
+        "tooltip": s.help,
+        "style": {"description_width": "initial"},
+    }
+    if s.kind == "choice":
+        options = [(NONE_CHOICE, None)] if s.optional else []
+        options += [(str(c), c) for c in s.choices]
+        return widgets.Dropdown(options=options, value=value, **common)
+    if s.kind == "bool":
+        return widgets.Checkbox(value=value, indent=False, **common)
+    if s.kind == "int" and _is_slider(s):
+        return widgets.IntSlider(value=value, min=s.low, max=s.high, step=_step(s), **common)
+    if s.kind == "float" and _is_slider(s):
+        return widgets.FloatSlider(value=value, min=s.low, max=s.high, step=_step(s), **common)
+    if s.optional and s.kind in ("int", "float"):
+        text = "" if value is None else str(value)
+        return widgets.Text(value=text, placeholder=NONE_NUMBER, **common)
+    if s.kind == "int":
+        return widgets.IntText(value=value, **common)
+    if s.kind == "float":
+        return widgets.FloatText(value=value, **common)
+    if s.kind == "str":
+        return widgets.Text(value=value, **common)
+    raise TypeError(f"the studio has no widget for {path} ({s.kind})")
+
+
+# -- from controls back to settings -----------------------------------------------------------
+
+
+def setting_value(s: Spec, raw: Any) -> Any:
+    """A control's value as the setting's type ("auto", "off" and empty are None)."""
+    if s.optional and (raw is None or raw in ("", NONE_CHOICE, NONE_NUMBER)):
+        return None
+    if s.kind in ("int", "float"):
+        try:
+            number = float(raw)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{s.label} must be a number, not {raw!r}") from None
+        if s.kind == "int" and number.is_integer():
+            return int(number)
+        return number
+    return raw
+
+
+def settings_from(base, values: Mapping[str, Any]):
+    """``base`` with the controls' values (keyed by path); checked against the declarations.
+
+    Raises :class:`SettingsError` for a value out of its bounds.
+    """
+    root = type(base)
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for path, raw in values.items():
+        value = setting_value(field_spec(root, path), raw)
+        parent, _, name = path.rpartition(".")
+        if parent:
+            nested.setdefault(parent, {})[name] = value
+        else:
+            top[name] = value
+    for parent, changes in nested.items():
+        top[parent] = dataclasses.replace(getattr(base, parent), **changes)
+    return dataclasses.replace(base, **top)

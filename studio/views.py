@@ -1,0 +1,86 @@
+"""What the Gradio app and the notebook panels both show: captions, messages and tables.
+
+Plain functions of the controller's results, so the two front ends say the same thing.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .controller import BlindPair, GridView
+
+ROUND_COLUMNS = (
+    "id",
+    "active",
+    "created",
+    "metric_picks",
+    "metric_loss",
+    "metric_accuracy",
+    "metric_seconds",
+)
+PLOTTED_METRICS = ("metric_loss", "metric_accuracy", "metric_mean_delta")
+WIN_RATE_COLUMNS = ["round", "wins", "losses", "ties", "win_rate"]
+CANCELLED = "Cancelled; nothing was saved and your picks wait for the next round."
+
+
+def grid_caption(view: GridView) -> str:
+    source = "base model" if view.adapter_round is None else f"round {view.adapter_round}"
+    return f"Grid {view.grid_id} · “{view.prompt}” · {source} · {view.seconds:.1f} s"
+
+
+def picks_waiting(count: int) -> str:
+    """The counter under the grid (Markdown, which the panels render as HTML)."""
+    return f"**{count}** pick(s) since the last round"
+
+
+def reveal_text(pair: BlindPair) -> str:
+    """After a blind vote: which side was the base and which the round."""
+    tuned = f"round {pair.round_id}"
+    left, right = ("base", tuned) if pair.left_is == "a" else (tuned, "base")
+    return f"Left was **{left}**, right was **{right}**."
+
+
+def progress_text(event) -> str:
+    return f"step {event.step}/{event.total}, ETA {event.eta_s:.0f} s"
+
+
+def round_saved(round_id: int, metrics: dict) -> str:
+    return (
+        f"Round {round_id} saved and active: loss {metrics['loss']:.4f}, "
+        f"accuracy {metrics['accuracy']:.2f}, {metrics['seconds']:.1f} s."
+    )
+
+
+def activated(round_id: int | None) -> str:
+    return "Base model active." if round_id is None else f"Round {round_id} active."
+
+
+def round_ids(rounds: pd.DataFrame) -> list[int]:
+    return [int(r) for r in rounds["id"]] if len(rounds) else []
+
+
+def round_table(rounds: pd.DataFrame) -> pd.DataFrame:
+    """The rounds with the columns worth reading."""
+    return rounds[[c for c in ROUND_COLUMNS if c in rounds]]
+
+
+def picks_table(picks: pd.DataFrame) -> pd.DataFrame:
+    return picks.drop(columns=["created"], errors="ignore")
+
+
+def metrics_long(rounds: pd.DataFrame) -> pd.DataFrame:
+    """Per-round metrics in long form (round, metric, value) for a line plot."""
+    if not len(rounds):
+        return pd.DataFrame({"round": [], "metric": [], "value": []})
+    cols = [c for c in PLOTTED_METRICS if c in rounds]
+    long = rounds.melt(id_vars="id", value_vars=cols, var_name="metric", value_name="value")
+    long["metric"] = long["metric"].str.removeprefix("metric_")
+    return long.rename(columns={"id": "round"})
+
+
+def win_rate_table(rates: pd.DataFrame) -> pd.DataFrame:
+    """Each round's wins, losses and ties against the base model."""
+    if rates.empty:
+        return pd.DataFrame({c: [] for c in WIN_RATE_COLUMNS})
+    vs_base = rates[rates["round_a"].isna()]
+    return vs_base.rename(columns={"round_b": "round"})[WIN_RATE_COLUMNS]
