@@ -18,6 +18,7 @@ from diffusers.utils import convert_state_dict_to_kohya
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from .errors import SettingsError
 from .models import ADAPTER_NAME, LORA_WEIGHT_NAME, lora_settings_of
 from .session import Session
 
@@ -135,4 +136,4 @@ def export_picks(session: Session, out_file: str | Path) -> Path:
         return _replace_atomically(
             lambda tmp: table.to_json(tmp, orient="records", lines=True), out
         )
-    raise ValueError(f"picks export must end in .parquet or .jsonl, not {out.name!r}")
+    raise SettingsError(f"picks export must end in .parquet or .jsonl, not {out.name!r}")

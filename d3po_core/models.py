@@ -12,7 +12,7 @@ import json
 import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,36 +20,23 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
+from .errors import ModelLoadError
+from .settings import LoraSettings
+
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
 EMBEDDED_MODEL = Path(__file__).parent / "embedded" / "model"
 ADAPTER_NAME = "d3po"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message is one line a user can act on."""
-
-
-@dataclass
-class LoraSettings:
-    """LoRA on the UNet's attention projections.
-
-    rank: adapter rank; 4 is enough for preference tuning and keeps rounds fast.
-    alpha: scale numerator (effective scale alpha/rank); equal to rank means scale 1.
-    targets: module names inside the UNet that get adapters (attention projections).
-    """
-
-    rank: int = 4
-    alpha: float = 4.0
-    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-
-    def peft_config(self) -> LoraConfig:
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha,
-            init_lora_weights="gaussian",
-            target_modules=list(self.targets),
-        )
+def peft_config(settings: LoraSettings) -> LoraConfig:
+    """peft's LoraConfig for our adapter settings."""
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        init_lora_weights="gaussian",
+        target_modules=list(settings.targets),
+    )
 
 
 def default_model() -> str:
@@ -193,7 +180,7 @@ def add_lora(unet: torch.nn.Module, settings: LoraSettings | None = None) -> Lor
     settings = settings or LoraSettings()
     if ADAPTER_NAME in getattr(unet, "peft_config", {}):
         unet.delete_adapters(ADAPTER_NAME)
-    unet.add_adapter(settings.peft_config(), adapter_name=ADAPTER_NAME)
+    unet.add_adapter(peft_config(settings), adapter_name=ADAPTER_NAME)
     unet.set_adapter(ADAPTER_NAME)
     for name, param in unet.named_parameters():
         param.requires_grad_("lora_" in name)
@@ -226,7 +213,7 @@ def save_lora(unet: torch.nn.Module, directory: str | Path) -> Path:
     state = convert_state_dict_to_diffusers(
         get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
     )
-    metadata = settings.peft_config().to_dict()
+    metadata = peft_config(settings).to_dict()
     metadata["target_modules"] = list(settings.targets)
     StableDiffusionPipeline.save_lora_weights(
         directory,

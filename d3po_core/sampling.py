@@ -24,31 +24,10 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
+from .errors import ModelLoadError, SettingsError
+from .settings import SampleSettings
+
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-
-@dataclass
-class SampleSettings:
-    """How a grid is sampled.
-
-    n: images in the grid (2–16), sampled as one batch.
-    steps: DDIM steps; 20 keeps a grid quick and the trajectory short to train on.
-    guidance: classifier-free guidance scale (≤ 1 turns guidance off).
-    eta: DDIM η; must be > 0 for the log-probs D3PO trains on (1.0 = DDPM-like noise).
-    shared_noise: one initial noise x_T for the whole grid (the D3PO authors' setting), so
-        the images differ only by the sampling noise of each step. Off by default: with an
-        x_T per image the grids differ more and, in bench/ablation.py, the same picks moved
-        the objective furthest (docs/benchmarks.md).
-    """
-
-    n: int = 4
-    steps: int = 20
-    guidance: float = 7.5
-    eta: float = 1.0
-    shared_noise: bool = False
-    negative_prompt: str = ""
-    height: int | None = None
-    width: int | None = None
 
 
 @dataclass
@@ -89,7 +68,7 @@ def ddim_step(
     are zero when σ = 0 (η = 0 is deterministic and has no density).
     """
     if scheduler.config.thresholding:
-        raise ValueError("dynamic thresholding is not supported by the log-prob step")
+        raise ModelLoadError("dynamic thresholding is not supported by the log-prob step")
     device = sample.device
     shape = (-1,) + (1,) * (sample.ndim - 1)
     a_t = _alpha_bar(scheduler, timesteps, device).view(shape)
@@ -109,7 +88,7 @@ def ddim_step(
         x0 = out
         eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
     else:
-        raise ValueError(f"unsupported prediction_type {kind!r}")
+        raise ModelLoadError(f"unsupported prediction_type {kind!r}")
     if scheduler.config.clip_sample:
         limit = scheduler.config.clip_sample_range
         x0 = x0.clamp(-limit, limit)  # ε̂ stays unclipped, as in diffusers' default
@@ -293,7 +272,7 @@ def sample_grid(
         seeds = [seed + i for i in range(settings.n)]
     seeds = [int(s) for s in seeds]
     if len(seeds) != settings.n:
-        raise ValueError(f"{len(seeds)} seeds given for a grid of {settings.n}")
+        raise SettingsError(f"{len(seeds)} seeds given for a grid of {settings.n}")
     unet, scheduler = pipe.unet, pipe.scheduler
     device = unet.device
     height = settings.height or unet.config.sample_size * pipe.vae_scale_factor

@@ -16,11 +16,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from .errors import ScorerError
+
 Scorer = Callable[[Image.Image, str], float]
-
-
-class ScorerError(ValueError):
-    """A scorer spec did not resolve to a callable."""
 
 
 def jpeg_kilobytes(image: Image.Image, quality: int = 95) -> float:

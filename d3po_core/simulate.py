@@ -1,7 +1,7 @@
 """Scripted rounds: grids → a scorer → one training round, repeated.
 
-With a :class:`D3POConfig` the scorer only ranks each grid (its best and worst become a pick);
-with a :class:`~d3po_core.ddpo.DDPOConfig` its values are DDPO's rewards.
+With a method on picks (D3PO) the scorer only ranks each grid (its best and worst become a
+pick); with a method on rewards (DDPO, P3O) its values are the rewards.
 
 After each round the scorer is measured on a fixed evaluation set (fixed prompts × fixed
 seeds, each image drawn from its own seed), for the base model and the current adapter on the
@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from .ddpo import DDPOConfig
 from .models import base_model, has_lora
+from .objectives import method_of
+from .rounds import ProgressEvent
 from .sampling import SampleSettings, sample_grid
 from .scorers import Scorer, score_images
 from .session import Session
-from .trainer import D3POConfig, ProgressEvent
-from .workflow import generate, label_with_scorer, train_ddpo_round, train_round
+from .settings import RoundSettings
+from .workflow import generate, label_with_scorer, train_round
 
 
 @dataclass
@@ -59,7 +60,7 @@ def simulate(
     rounds: int,
     grids: int,
     settings: SampleSettings,
-    config: D3POConfig | DDPOConfig,
+    config: RoundSettings,
     eval_set: EvalSet,
     seed: int = 0,
     on_grid: Callable[[int, int], None] | None = None,
@@ -68,8 +69,8 @@ def simulate(
 ) -> list[dict]:
     """Run ``rounds`` of (``grids`` grids → scorer → one round); one table row a round.
 
-    D3PO trains on the scorer's best/worst of each grid, DDPO on its values (by the type of
-    ``config``). Row 0 is the starting point (the session's active adapter, or the base
+    D3PO trains on the scorer's best/worst of each grid, DDPO and P3O on its values (by the
+    method of ``config``). Row 0 is the starting point (the session's active adapter, or the base
     model); each row counts the images sampled for training so far.
     """
     with base_model(pipe.unet):
@@ -90,6 +91,7 @@ def simulate(
             "images_sampled": sampled,
         }
 
+    on_rewards = method_of(config).inputs == "rewards"
     sampled = 0
     table = [row(session.active_round or 0, start_scores, {}, 0.0)]
     if on_round is not None:
@@ -103,7 +105,7 @@ def simulate(
             grid_id, grid = generate(pipe, session, next(prompt_cycle), settings, seed=grid_seed)
             grid_seed += settings.n
             sampled += settings.n
-            if isinstance(config, DDPOConfig):
+            if on_rewards:
                 rewarded.append(
                     (grid_id, score_images(scorer, grid.images, grid.trajectory.prompt))
                 )
@@ -111,12 +113,9 @@ def simulate(
                 label_with_scorer(session, grid_id, scorer)
             if on_grid is not None:
                 on_grid(g + 1, grids)
-        if isinstance(config, DDPOConfig):
-            round_id, metrics = train_ddpo_round(
-                pipe, session, rewarded, config, on_progress=on_progress
-            )
-        else:
-            round_id, metrics = train_round(pipe, session, config, on_progress=on_progress)
+        round_id, metrics = train_round(
+            pipe, session, config, rewarded=rewarded, on_progress=on_progress
+        )
         scores = evaluate(pipe, scorer, eval_set, settings)
         table.append(row(round_id, scores, metrics, time.perf_counter() - start))
         if on_round is not None:

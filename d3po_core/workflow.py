@@ -7,16 +7,17 @@ commit its adapter; activate a round (or the base model) in the pipeline.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
+from .errors import NoPicksError
 from .models import load_lora, remove_lora, save_lora
+from .objectives import method_of
+from .objectives.d3po import D3POConfig, Example
+from .objectives.ddpo import RewardExample
+from .rounds import ProgressEvent, RoundResult, run_round
 from .sampling import Grid, SampleSettings, Trajectory, sample_grid
 from .scorers import Scorer, score_images, scripted_pick
 from .session import Session
-from .trainer import D3POConfig, Example, NoPicksError, ProgressEvent, run_round
-
-if TYPE_CHECKING:
-    from .ddpo import DDPOConfig
+from .settings import RoundSettings, check_prompt
 
 
 def activate(pipe, session: Session, round_id: int | None) -> None:
@@ -44,9 +45,7 @@ def generate(
     on_step: Callable[[int, int], None] | None = None,
 ) -> tuple[int, Grid]:
     """Sample a grid with the active adapter, store it, and return (grid id, grid)."""
-    prompt = prompt.strip()
-    if not prompt:
-        raise ValueError("the prompt is empty")
+    prompt = check_prompt(prompt)
     grid = sample_grid(
         pipe, prompt, settings, seed=seed, adapter_round=session.active_round, on_step=on_step
     )
@@ -104,67 +103,58 @@ def load_examples(session: Session, *, replay: bool = False) -> tuple[list[Examp
 def train_round(
     pipe,
     session: Session,
-    config: D3POConfig | None = None,
+    config: RoundSettings | None = None,
     *,
+    rewarded: Sequence[tuple[int, Sequence[float]]] = (),
     on_progress: Callable[[ProgressEvent], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     accelerator=None,
 ) -> tuple[int | None, dict]:
-    """Train one round on the session's new picks, commit its adapter; return (round id, metrics).
+    """Train one round of the config's method and commit its adapter; (round id, metrics).
 
-    Under a multi-process launch only the main process writes the round (round id None
-    elsewhere). A cancelled or failed round commits nothing and leaves the adapter unchanged.
+    A method on picks (D3PO) trains on the picks since the last round (all with ``replay``);
+    a method on rewards (DDPO, P3O) on ``rewarded``: (grid id, a reward per image) pairs, and
+    consumes no picks. Under a multi-process launch only the main process writes the round
+    (round id None elsewhere). A cancelled or failed round commits nothing and leaves the
+    adapter unchanged.
     """
     config = config or D3POConfig()
-    examples, last_pick_id = load_examples(session, replay=config.replay)
+    method = method_of(config)
+    extra: dict = {}
+    if method.inputs == "picks":
+        examples, last_pick_id = load_examples(session, replay=getattr(config, "replay", False))
+    else:
+        examples = [RewardExample(load_trajectory(session, g), list(r)) for g, r in rewarded]
+        rounds = session.rounds_df()
+        last_pick_id = int(rounds["last_pick_id"].iloc[-1]) if len(rounds) else 0
+        extra["grid_ids"] = [g for g, _ in rewarded]
     result = run_round(
         pipe,
-        examples,
-        config,
+        method.objective(examples, config),
         on_progress=on_progress,
         should_cancel=should_cancel,
         accelerator=accelerator,
     )
     if accelerator is not None and not accelerator.is_main_process:
         return None, result.metrics
-    tmp = session.new_round_dir()
-    save_lora(pipe.unet, tmp)
-    round_id = session.commit_round(
-        tmp,
-        settings=config.to_dict(),
-        metrics={**result.metrics, "history": result.history},
-        last_pick_id=last_pick_id,
-    )
-    return round_id, result.metrics
+    return commit_round(pipe, session, config, result, last_pick_id, extra), result.metrics
 
 
-def train_ddpo_round(
+def commit_round(
     pipe,
     session: Session,
-    rewarded: Sequence[tuple[int, Sequence[float]]],
-    config: DDPOConfig | None = None,
-    *,
-    on_progress: Callable[[ProgressEvent], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-) -> tuple[int, dict]:
-    """One DDPO round on stored grids with a reward per image, committed as a session round.
-
-    ``rewarded`` holds (grid id, rewards). The round consumes no picks: the next D3PO round
-    still trains on every pick made since the last D3PO round.
-    """
-    from .ddpo import DDPOConfig, RewardExample, run_ddpo_round
-
-    config = config or DDPOConfig()
-    examples = [RewardExample(load_trajectory(session, g), list(r)) for g, r in rewarded]
-    result = run_ddpo_round(
-        pipe, examples, config, on_progress=on_progress, should_cancel=should_cancel
-    )
-    rounds = session.rounds_df()
-    last_pick_id = int(rounds["last_pick_id"].iloc[-1]) if len(rounds) else 0
+    config: RoundSettings,
+    result: RoundResult,
+    last_pick_id: int,
+    extra: dict | None = None,
+) -> int:
+    """Save the pipeline's adapter as a new round of the session, with its settings and
+    metrics; the round becomes the active one."""
     tmp = session.new_round_dir()
     save_lora(pipe.unet, tmp)
-    metrics = {**result.metrics, "history": result.history, "grid_ids": [g for g, _ in rewarded]}
-    round_id = session.commit_round(
-        tmp, settings=config.to_dict(), metrics=metrics, last_pick_id=last_pick_id
+    return session.commit_round(
+        tmp,
+        settings=config.to_dict(),
+        metrics={**result.metrics, "history": result.history, **(extra or {})},
+        last_pick_id=last_pick_id,
     )
-    return round_id, result.metrics

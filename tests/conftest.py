@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from d3po_core.models import load_pipeline
+from d3po_core.objectives.d3po import D3POConfig, D3POObjective
+from d3po_core.objectives.ddpo import DDPOConfig, DDPOObjective
+from d3po_core.rounds import run_round
 from d3po_core.sampling import SampleSettings
 from d3po_core.tiny_model import build_tiny_pipeline
 
@@ -13,6 +16,16 @@ torch.set_num_threads(2)
 
 # Few steps and small grids keep the CPU suite quick; the math is the same at any size.
 FAST = SampleSettings(n=4, steps=4, guidance=5.0, eta=1.0)
+
+
+def d3po_round(pipe, examples, config=None, **kwargs):
+    """One D3PO round through the round loop."""
+    return run_round(pipe, D3POObjective(examples, config or D3POConfig()), **kwargs)
+
+
+def ddpo_round(pipe, examples, config=None, **kwargs):
+    """One DDPO round through the round loop."""
+    return run_round(pipe, DDPOObjective(examples, config or DDPOConfig()), **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,19 @@ import math
 import pytest
 import torch
 
-from d3po_core.d3po import d3po_loss, log_ratio, pairs_from_pick, select_steps
+from d3po_core.errors import SettingsError
 from d3po_core.models import base_model, remove_lora
+from d3po_core.objectives.d3po import (
+    D3POConfig,
+    Example,
+    d3po_loss,
+    log_ratio,
+    pairs_from_pick,
+)
+from d3po_core.rounds import select_steps
 from d3po_core.sampling import recompute_log_probs, sample_grid
-from d3po_core.trainer import D3POConfig, Example, run_round
 
-from .conftest import FAST
+from .conftest import FAST, d3po_round
 
 
 def test_hand_computed_loss():
@@ -46,7 +53,7 @@ def test_ratio_clip_bounds_ratio_and_stops_gradient_outside():
     assert ratio[1].item() == pytest.approx(0.01)
     ratio.sum().backward()
     assert lp.grad.tolist() == [0.0, 1.0]
-    with pytest.raises(ValueError, match="ratio_clip"):
+    with pytest.raises(SettingsError, match="ratio_clip"):
         log_ratio(lp, torch.zeros(2), dims=1, ratio_clip=1.5)
 
 
@@ -57,7 +64,7 @@ def test_pairs_from_a_pick():
     assert set(implied) == {(1, 3), (1, 0), (1, 2), (1, 4), (0, 3), (2, 3), (4, 3)}
     assert pairs_from_pick(4, None, None) == []  # tie or skip
     assert pairs_from_pick(4, 1, 1) == []
-    with pytest.raises(ValueError, match="outside a grid of 4"):
+    with pytest.raises(SettingsError, match="outside a grid of 4"):
         pairs_from_pick(4, 0, 7)
 
 
@@ -78,12 +85,12 @@ def _pair_log_ratios(pipe, traj, best, worst):
 def test_one_step_raises_winner_log_ratio_over_loser(pipe):
     grid = sample_grid(pipe, "a red circle", FAST, seed=21)
     config = D3POConfig(epochs=1, batch_size=FAST.steps, learning_rate=1e-3)
-    result = run_round(pipe, [Example(grid.trajectory, best=2, worst=0)], config)
+    result = d3po_round(pipe, [Example(grid.trajectory, best=2, worst=0)], config)
     assert result.metrics["optimizer_steps"] == 1
     win, lose = _pair_log_ratios(pipe, grid.trajectory, 2, 0)
     assert win - lose > 0
     # the same pick the other way round, from a fresh adapter, moves the other way
     remove_lora(pipe.unet)
-    run_round(pipe, [Example(grid.trajectory, best=0, worst=2)], config)
+    d3po_round(pipe, [Example(grid.trajectory, best=0, worst=2)], config)
     win, lose = _pair_log_ratios(pipe, grid.trajectory, 0, 2)
     assert win - lose > 0

@@ -8,18 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from d3po_core.ddpo import (
+from d3po_core.errors import NoPicksError, RoundCancelled, ScorerError, SettingsError
+from d3po_core.models import lora_parameters, remove_lora
+from d3po_core.objectives.ddpo import (
     DDPOConfig,
     RewardExample,
     normalized_advantages,
     ppo_clip_loss,
-    run_ddpo_round,
 )
-from d3po_core.models import lora_parameters, remove_lora
 from d3po_core.sampling import recompute_log_probs, sample_grid
-from d3po_core.trainer import NoPicksError, RoundCancelled
 
-from .conftest import FAST
+from .conftest import FAST, ddpo_round
 
 DIMS = 4
 
@@ -72,7 +71,7 @@ def test_sum_reduction_and_bad_reduction():
         reduction="sum",
     )
     assert terms.log_ratio.item() == pytest.approx(0.05)
-    with pytest.raises(ValueError, match="reduction"):
+    with pytest.raises(SettingsError, match="reduction"):
         ppo_clip_loss(logp, logp, torch.ones(1), dims=DIMS, clip_range=0.2, reduction="max")
 
 
@@ -102,13 +101,13 @@ def _policy_change(pipe, traj) -> torch.Tensor:
 
 def test_one_step_moves_the_policy_toward_the_rewarded_image(pipe, grid):
     config = DDPOConfig(epochs=1, batch_size=4 * FAST.steps, grad_accum=1, learning_rate=1e-3)
-    result = run_ddpo_round(pipe, [RewardExample(grid.trajectory, [0.0, 0.0, 1.0, 0.0])], config)
+    result = ddpo_round(pipe, [RewardExample(grid.trajectory, [0.0, 0.0, 1.0, 0.0])], config)
     assert result.metrics["optimizer_steps"] == 1
     change = _policy_change(pipe, grid.trajectory)
     assert change[2] > 0 and change[2] > change[[0, 1, 3]].max()
     # the opposite reward, from a fresh adapter, moves image 2 the other way
     remove_lora(pipe.unet)
-    run_ddpo_round(pipe, [RewardExample(grid.trajectory, [1.0, 1.0, 0.0, 1.0])], config)
+    ddpo_round(pipe, [RewardExample(grid.trajectory, [1.0, 1.0, 0.0, 1.0])], config)
     change = _policy_change(pipe, grid.trajectory)
     assert change[2] < 0 and change[2] < change[[0, 1, 3]].min()
 
@@ -121,7 +120,7 @@ def test_round_metrics_progress_and_batching(pipe, grid):
     ]
     events = []
     config = DDPOConfig(epochs=2, batch_size=8, grad_accum=2)
-    result = run_ddpo_round(pipe, examples, config, on_progress=events.append)
+    result = ddpo_round(pipe, examples, config, on_progress=events.append)
     items = 2 * 4 * FAST.steps
     assert result.metrics["items"] == items
     assert result.metrics["optimizer_steps"] == 2 * (items // 8 // 2) == len(events)
@@ -134,10 +133,10 @@ def test_round_metrics_progress_and_batching(pipe, grid):
 
 def test_cancel_restores_the_adapter_and_bad_input_is_refused(pipe, grid):
     example = RewardExample(grid.trajectory, [0.0, 1.0, 2.0, 3.0])
-    run_ddpo_round(pipe, [example], DDPOConfig(grad_accum=1))
+    ddpo_round(pipe, [example], DDPOConfig(grad_accum=1))
     before = [p.detach().clone() for p in lora_parameters(pipe.unet)]
     with pytest.raises(RoundCancelled):
-        run_ddpo_round(
+        ddpo_round(
             pipe,
             [example],
             DDPOConfig(grad_accum=1, batch_size=2, learning_rate=1e-2),
@@ -146,15 +145,15 @@ def test_cancel_restores_the_adapter_and_bad_input_is_refused(pipe, grid):
     for p, b in zip(lora_parameters(pipe.unet), before, strict=True):
         assert torch.equal(p, b)
     with pytest.raises(NoPicksError):
-        run_ddpo_round(pipe, [], DDPOConfig())
-    with pytest.raises(ValueError, match="4 images but 3 rewards"):
-        run_ddpo_round(pipe, [RewardExample(grid.trajectory, [0.0, 1.0, 2.0])], DDPOConfig())
-    with pytest.raises(ValueError, match="not finite"):
-        run_ddpo_round(
+        ddpo_round(pipe, [], DDPOConfig())
+    with pytest.raises(ScorerError, match="4 images but 3 rewards"):
+        ddpo_round(pipe, [RewardExample(grid.trajectory, [0.0, 1.0, 2.0])], DDPOConfig())
+    with pytest.raises(ScorerError, match="not finite"):
+        ddpo_round(
             pipe, [RewardExample(grid.trajectory, [0.0, 1.0, float("nan"), 2.0])], DDPOConfig()
         )
-    with pytest.raises(ValueError, match="clip_range"):
-        run_ddpo_round(pipe, [example], DDPOConfig(clip_range=0))
+    with pytest.raises(SettingsError, match="clip range"):
+        ddpo_round(pipe, [example], DDPOConfig(clip_range=0))
 
 
 def test_a_partial_accumulation_group_still_makes_a_step(pipe, grid):
@@ -166,7 +165,7 @@ def test_a_partial_accumulation_group_still_makes_a_step(pipe, grid):
 
     # 16 items in batches of 6: 3 UNet calls; accumulating 2 a step, the 3rd call is alone
     config = DDPOConfig(batch_size=6, grad_accum=2, learning_rate=1e-2)
-    result = run_ddpo_round(pipe, [example], config, on_progress=snapshot)
+    result = ddpo_round(pipe, [example], config, on_progress=snapshot)
     assert result.metrics["optimizer_steps"] == len(snapshots) == 2
     # the last, partial group moved the weights too, and left no gradient behind
     assert any(not torch.equal(a, b) for a, b in zip(*snapshots, strict=True))
@@ -174,12 +173,14 @@ def test_a_partial_accumulation_group_still_makes_a_step(pipe, grid):
 
 
 def test_settings_round_trip_through_a_round_record():
-    from d3po_core.models import LoraSettings
-    from d3po_core.trainer import D3POConfig
+    from d3po_core.objectives import config_from_dict
+    from d3po_core.objectives.d3po import D3POConfig
+    from d3po_core.settings import LoraSettings
 
     ddpo = DDPOConfig(learning_rate=1e-4, clip_range=0.01, lora=LoraSettings(rank=8))
     assert DDPOConfig.from_dict(ddpo.to_dict()) == ddpo  # the "method" tag is not a field
     d3po = D3POConfig(beta=0.5, pairs="implied")
     assert D3POConfig.from_dict(d3po.to_dict()) == d3po
-    with pytest.raises(ValueError, match="epochs"):
-        DDPOConfig(epochs=0).validate()
+    assert config_from_dict(ddpo.to_dict()) == ddpo and config_from_dict(d3po.to_dict()) == d3po
+    with pytest.raises(SettingsError, match="epochs"):
+        DDPOConfig(epochs=0)

@@ -9,16 +9,10 @@ import torch
 
 from d3po_core.models import lora_parameters
 from d3po_core.sampling import sample_grid
-from d3po_core.trainer import (
-    D3POConfig,
-    Example,
-    NoPicksError,
-    RoundCancelled,
-    build_items,
-    run_round,
-)
+from d3po_core.errors import NoPicksError, RoundCancelled, SettingsError
+from d3po_core.objectives.d3po import D3POConfig, D3POObjective, Example
 
-from .conftest import FAST
+from .conftest import FAST, d3po_round
 
 
 @pytest.fixture
@@ -41,10 +35,10 @@ def _count_unet_rows(pipe):
 
 def test_round_batches_pair_steps_through_few_unet_calls(pipe, examples):
     config = D3POConfig(epochs=2, batch_size=6)
-    items = build_items(examples, config)
+    items = D3POObjective(examples, config).items()
     assert len(items) == 3 * FAST.steps  # one pair a pick, every step
     calls = _count_unet_rows(pipe)
-    result = run_round(pipe, examples, config)
+    result = d3po_round(pipe, examples, config)
     batches = -(-len(items) // 6)
     # one reference pass + two epochs, each batch one UNet call of items × (w, l) × (cond, uncond)
     assert len(calls) == 3 * batches
@@ -54,7 +48,7 @@ def test_round_batches_pair_steps_through_few_unet_calls(pipe, examples):
 
 def test_metrics_and_progress_events(pipe, examples):
     events = []
-    result = run_round(
+    result = d3po_round(
         pipe, examples, D3POConfig(epochs=2, batch_size=4), on_progress=events.append
     )
     assert [e.step for e in events] == list(range(1, len(events) + 1))
@@ -79,7 +73,7 @@ def test_metrics_and_progress_events(pipe, examples):
 
 def test_training_lowers_the_loss_on_its_picks(pipe, examples):
     config = D3POConfig(epochs=6, batch_size=4, learning_rate=1e-3)
-    result = run_round(pipe, examples, config)
+    result = d3po_round(pipe, examples, config)
     first = sum(h["loss"] for h in result.history[:3]) / 3
     last = sum(h["loss"] for h in result.history[-3:]) / 3
     assert last < first
@@ -87,7 +81,7 @@ def test_training_lowers_the_loss_on_its_picks(pipe, examples):
 
 
 def test_cancel_restores_the_adapter(pipe, examples):
-    run_round(pipe, examples, D3POConfig(epochs=1, batch_size=4))
+    d3po_round(pipe, examples, D3POConfig(epochs=1, batch_size=4))
     before = [p.detach().clone() for p in lora_parameters(pipe.unet)]
     seen = []
 
@@ -95,7 +89,7 @@ def test_cancel_restores_the_adapter(pipe, examples):
         return len(seen) >= 2
 
     with pytest.raises(RoundCancelled):
-        run_round(
+        d3po_round(
             pipe,
             examples,
             D3POConfig(epochs=3, batch_size=2, learning_rate=1e-2),
@@ -108,9 +102,9 @@ def test_cancel_restores_the_adapter(pipe, examples):
 
 
 def test_reference_previous_starts_at_zero_margin(pipe, examples):
-    run_round(pipe, examples, D3POConfig(epochs=2, batch_size=4, learning_rate=1e-2))
+    d3po_round(pipe, examples, D3POConfig(epochs=2, batch_size=4, learning_rate=1e-2))
     events = []
-    run_round(
+    d3po_round(
         pipe,
         examples,
         D3POConfig(epochs=1, batch_size=100, reference="previous"),
@@ -122,14 +116,18 @@ def test_reference_previous_starts_at_zero_margin(pipe, examples):
 
 def test_no_picks_and_eta_zero_are_refused(pipe):
     with pytest.raises(NoPicksError, match="no picks"):
-        run_round(pipe, [], D3POConfig())
+        d3po_round(pipe, [], D3POConfig())
     grid = sample_grid(pipe, "a circle", replace(FAST, eta=0.0), seed=1)
-    with pytest.raises(ValueError, match="eta = 0"):
-        run_round(pipe, [Example(grid.trajectory, 0, 1)], D3POConfig())
+    with pytest.raises(SettingsError, match="eta = 0"):
+        d3po_round(pipe, [Example(grid.trajectory, 0, 1)], D3POConfig())
 
 
 def test_bad_settings_are_refused(pipe, examples):
-    with pytest.raises(ValueError, match="beta"):
-        run_round(pipe, examples, D3POConfig(beta=0))
-    with pytest.raises(ValueError, match="timestep_fraction"):
-        run_round(pipe, examples, D3POConfig(timestep_fraction=0))
+    with pytest.raises(SettingsError, match="beta"):
+        d3po_round(pipe, examples, D3POConfig(beta=0))
+    with pytest.raises(SettingsError, match="timestep fraction"):
+        d3po_round(pipe, examples, D3POConfig(timestep_fraction=0))
+    config = D3POConfig()
+    config.epochs = 0  # changed after construction: the round checks again
+    with pytest.raises(SettingsError, match="epochs"):
+        d3po_round(pipe, examples, config)

@@ -6,17 +6,26 @@ For a pair (w, l) from one grid and a denoising step t:
               − (log π_θ(x^l_{t−1}|x^l_t) − log π_ref(x^l_{t−1}|x^l_t)) ]
     L   = − log σ(Δ_t)
 
-Pure tensor functions; the trainer feeds them log-probs summed over latent dimensions.
+The loss and pair functions are pure tensor functions; :class:`D3POObjective` feeds them
+log-probs summed over latent dimensions from the round loop (``d3po_core.rounds``). The
+reference policy is the same UNet with its adapter disabled (or, as an option, the adapter as
+the round starts), evaluated once before any update.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import SettingsError
+from ..models import set_lora_enabled
+from ..rounds import Batch, Objective, log_probs_of, require_log_probs, select_steps
+from ..sampling import Trajectory
+from ..settings import RoundSettings, setting
 
 Reduction = Literal["mean", "sum"]
 PairMode = Literal["best-worst", "implied"]
@@ -50,10 +59,10 @@ def log_ratio(
     if reduction == "mean":
         ratio = ratio / dims
     elif reduction != "sum":
-        raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+        raise SettingsError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
     if ratio_clip is not None:
         if not 0 < ratio_clip < 1:
-            raise ValueError(f"ratio_clip must be in (0, 1), not {ratio_clip}")
+            raise SettingsError(f"ratio_clip must be in (0, 1), not {ratio_clip}")
         ratio = ratio.clamp(math.log1p(-ratio_clip), math.log1p(ratio_clip))
     return ratio
 
@@ -89,23 +98,125 @@ def pairs_from_pick(
     if best is None or worst is None or best == worst:
         return []
     if not (0 <= best < n and 0 <= worst < n):
-        raise ValueError(f"pick ({best}, {worst}) is outside a grid of {n}")
+        raise SettingsError(f"pick ({best}, {worst}) is outside a grid of {n}")
     pairs = [(best, worst)]
     if mode == "implied":
         others = [i for i in range(n) if i not in (best, worst)]
         pairs += [(best, o) for o in others] + [(o, worst) for o in others]
     elif mode != "best-worst":
-        raise ValueError(f"pairs must be 'best-worst' or 'implied', not {mode!r}")
+        raise SettingsError(f"pairs must be 'best-worst' or 'implied', not {mode!r}")
     return pairs
 
 
-def select_steps(
-    num_steps: int, fraction: float, generator: torch.Generator | None = None
-) -> list[int]:
-    """Indices of the denoising steps trained for one pair: all, or a random fraction."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"timestep_fraction must be in (0, 1], not {fraction}")
-    if fraction == 1:
-        return list(range(num_steps))
-    count = max(1, round(num_steps * fraction))
-    return sorted(torch.randperm(num_steps, generator=generator)[:count].tolist())
+@dataclass
+class D3POConfig(RoundSettings):
+    """Settings of one D3PO round; every default is chosen to be safe for a first round."""
+
+    method: ClassVar[str] = "d3po"
+
+    beta: float = setting(
+        0.1,
+        low=0,
+        low_open=True,
+        high=100,
+        help="Scale of the preference margin Δ; with reduction 'sum' it must be small "
+        "(0.1 keeps Δ in the sigmoid's responsive range over a short round).",
+    )
+    reduction: Reduction = setting(
+        "sum",
+        help="sum: the true log-density ratio of a step; mean: the official code's "
+        "per-dimension average (with ratio clipping its loss sticks near 0.693).",
+    )
+    ratio_clip: float | None = setting(
+        None,
+        low=0,
+        low_open=True,
+        high=0.99,
+        help="Clamp each ratio π_θ/π_ref to [1−ε, 1+ε] (no gradient outside); none: off.",
+    )
+    pairs: PairMode = setting(
+        "best-worst",
+        help="best-worst: one pair a pick; implied: also best > others > worst (2N−3 pairs).",
+    )
+    reference: Literal["base", "previous"] = setting(
+        "base",
+        help="base: stay close to the original model; previous: to the adapter as the round "
+        "starts.",
+    )
+    replay: bool = setting(False, help="Train on all picks so far, not only the new ones.")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **super().to_dict()}
+
+
+@dataclass
+class Example:
+    """One confirmed pick: a grid's trajectory and the indices of its best and worst image."""
+
+    trajectory: Trajectory
+    best: int
+    worst: int
+    pick_id: int | None = None
+
+
+class D3POObjective(Objective):
+    """(winner, loser, step) items of the picks, scored by the D3PO loss."""
+
+    empty_message = "no picks to train on: label some grids (best and worst) first"
+
+    def __init__(self, examples: list[Example], config: D3POConfig) -> None:
+        self.examples, self.config = examples, config
+        self.trajectories = [ex.trajectory for ex in examples]
+
+    def items(self) -> list[tuple[int, int, int, int]]:
+        """All (example, winner, loser, step) items of a round, steps drawn per pair."""
+        require_log_probs(self.trajectories)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        items = []
+        for e, ex in enumerate(self.examples):
+            steps = ex.trajectory.timesteps.numel()
+            for win, lose in pairs_from_pick(ex.trajectory.n, ex.best, ex.worst, self.config.pairs):
+                for k in select_steps(steps, self.config.timestep_fraction, generator):
+                    items.append((e, win, lose, k))
+        return items
+
+    def _log_probs(self, pipe, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """log π of the winner and loser side of each item, in one UNet call."""
+        rows = [(e, win, k) for e, win, _lose, k in batch.items]
+        rows += [(e, lose, k) for e, _win, lose, k in batch.items]
+        return log_probs_of(pipe, self.trajectories, batch.key, rows).chunk(2)
+
+    def prepare(self, pipe, batches: list[Batch]) -> None:
+        """Reference log-probs, once, before any update."""
+        set_lora_enabled(pipe.unet, self.config.reference == "previous")
+        try:
+            for batch in batches:
+                batch.cache["ref_w"], batch.cache["ref_l"] = self._log_probs(pipe, batch)
+        finally:
+            set_lora_enabled(pipe.unet, True)
+
+    def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
+        logp_w, logp_l = self._log_probs(pipe, batch)
+        terms = d3po_loss(
+            logp_w,
+            batch.cache["ref_w"],
+            logp_l,
+            batch.cache["ref_l"],
+            dims=_latent_dims(self.trajectories),
+            beta=self.config.beta,
+            reduction=self.config.reduction,
+            ratio_clip=self.config.ratio_clip,
+        )
+        return {
+            "loss": terms.loss,
+            "accuracy": (terms.delta > 0).float(),
+            "mean_delta": terms.delta,
+            "kl": 0.25 * (terms.log_ratio_w**2 + terms.log_ratio_l**2),
+        }
+
+    def summary(self) -> dict:
+        return {"picks": len(self.examples)}
+
+
+def _latent_dims(trajectories: list[Trajectory]) -> int:
+    return math.prod(trajectories[0].latents.shape[2:])

@@ -10,80 +10,62 @@ denoising step t:
 
 As in the official code, log ρ is taken per latent dimension (``reduction="mean"``) so ε is
 small (1e−4). Prompts with fewer than ``min_group`` images in the round are normalised with the
-round's overall statistics. The UNet calls, LoRA handling, accelerate and cancel-with-restore
-are the D3PO trainer's.
+round's overall statistics. π_old is the policy that sampled the grids (their recorded
+log-probs), so sample a round's grids with the adapter as it stands.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
-from accelerate import Accelerator
 
-from .d3po import Reduction, select_steps
-from .models import LoraSettings
-from .sampling import Trajectory
-from .trainer import (
-    Batch,
-    NoPicksError,
-    ProgressEvent,
-    RoundResult,
-    RoundSettings,
-    log_probs_of,
-    make_accelerator,
-    make_batches,
-    optimize,
-    peak_memory_mb,
-    train_adapter,
-)
+from ..errors import ScorerError, SettingsError
+from ..rounds import Batch, Objective, log_probs_of, require_log_probs, select_steps
+from ..sampling import Trajectory
+from ..settings import RoundSettings, setting
+from .d3po import Reduction
 
 
 @dataclass
 class DDPOConfig(RoundSettings):
-    """Settings of one DDPO round (the official code's choices where they apply).
+    """Settings of one DDPO round (the official code's choices where they apply)."""
 
-    clip_range: PPO's ε on the per-dimension ratio.
-    adv_clip: advantages are clipped to [−adv_clip, adv_clip].
-    reduction: "mean" (per-dimension log-ratio, as the official code) or "sum".
-    min_group: a prompt needs this many images in the round for its own mean and std.
-    learning_rate: 3e-3, the best of 3e-4 / 1e-3 / 3e-3 in bench/ablation.py (LoRA rank 4 on
-        the embedded model; PPO's small ε keeps the steps small).
-    Other fields as in :class:`~d3po_core.trainer.D3POConfig`.
-    """
+    method: ClassVar[str] = "ddpo"
 
-    learning_rate: float = 3e-3
-    clip_range: float = 1e-4
-    adv_clip: float = 5.0
-    reduction: Reduction = "mean"
-    min_group: int = 2
-    timestep_fraction: float = 1.0
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 4
-    max_grad_norm: float = 1.0
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    learning_rate: float = setting(
+        3e-3,
+        low=0,
+        low_open=True,
+        high=1,
+        aliases=("--lr",),
+        help="AdamW step size; 3e-3 was the best of 3e-4 / 1e-3 / 3e-3 in bench/ablation.py "
+        "(PPO's small ε keeps the steps small).",
+    )
+    epochs: int = setting(1, low=1, high=100, help="Passes over the round's items.")
+    grad_accum: int = setting(
+        4, low=1, high=1024, help="UNet calls an optimizer step (gradient accumulation)."
+    )
+    clip_range: float = setting(
+        1e-4, low=0, low_open=True, high=0.99, help="PPO's ε on the per-dimension ratio."
+    )
+    adv_clip: float = setting(
+        5.0, low=0, low_open=True, help="Advantages are clipped to [−adv_clip, adv_clip]."
+    )
+    reduction: Reduction = setting(
+        "mean", help="mean: per-dimension log-ratio, as the official code; sum: the whole step."
+    )
+    min_group: int = setting(
+        2, low=1, help="Images a prompt needs in the round for its own mean and std."
+    )
 
     def to_dict(self) -> dict:
-        return {"method": "ddpo", **asdict(self)}
-
-    def validate(self) -> None:
-        if not 0 < self.clip_range < 1:
-            raise ValueError(f"clip_range must be in (0, 1), not {self.clip_range}")
-        if self.adv_clip <= 0:
-            raise ValueError(f"adv_clip must be > 0, not {self.adv_clip}")
-        super().validate()
-        if self.reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', not {self.reduction!r}")
+        return {"method": self.method, **super().to_dict()}
 
 
 @dataclass
@@ -117,7 +99,7 @@ def ppo_clip_loss(
     if reduction == "mean":
         log_ratio = log_ratio / dims
     elif reduction != "sum":
-        raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+        raise SettingsError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
     ratio = torch.exp(log_ratio)
     advantages = advantages.to(ratio.dtype)
     unclipped = -advantages * ratio
@@ -149,82 +131,69 @@ def normalized_advantages(
     return adv.clip(-clip, clip).to_numpy()
 
 
-def build_items(
-    examples: list[RewardExample], config: DDPOConfig
-) -> tuple[list[tuple[int, int, int]], dict[tuple[int, int], float]]:
-    """All (example, image, step) items and the advantage of each (example, image)."""
+def rewarded_advantages(
+    examples: list[RewardExample], *, clip: float, min_group: int
+) -> dict[tuple[int, int], float]:
+    """The normalised advantage of each (example, image) of rewarded grids."""
     rewards, prompts, keys = [], [], []
     for e, ex in enumerate(examples):
-        if ex.trajectory.settings.eta <= 0:
-            raise ValueError("grids sampled with eta = 0 have no log-probs; sample with eta > 0")
         if len(ex.rewards) != ex.trajectory.n:
-            raise ValueError(f"grid {e} has {ex.trajectory.n} images but {len(ex.rewards)} rewards")
+            raise ScorerError(
+                f"grid {e} has {ex.trajectory.n} images but {len(ex.rewards)} rewards"
+            )
         for i, r in enumerate(ex.rewards):
             if not math.isfinite(r):
-                raise ValueError(f"reward of image {i} of grid {e} is not finite: {r}")
+                raise ScorerError(f"reward of image {i} of grid {e} is not finite: {r}")
             rewards.append(r)
             prompts.append(ex.trajectory.prompt)
             keys.append((e, i))
-    adv = normalized_advantages(rewards, prompts, clip=config.adv_clip, min_group=config.min_group)
-    advantages = dict(zip(keys, adv.tolist(), strict=True))
-    generator = torch.Generator().manual_seed(config.seed)
-    items = []
-    for e, i in keys:
-        steps = examples[e].trajectory.timesteps.numel()
-        for k in select_steps(steps, config.timestep_fraction, generator):
-            items.append((e, i, k))
-    return items, advantages
+    adv = normalized_advantages(rewards, prompts, clip=clip, min_group=min_group)
+    return dict(zip(keys, adv.tolist(), strict=True))
 
 
-def run_ddpo_round(
-    pipe,
-    examples: list[RewardExample],
-    config: DDPOConfig | None = None,
-    *,
-    on_progress: Callable[[ProgressEvent], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-    accelerator: Accelerator | None = None,
-) -> RoundResult:
-    """Train the pipeline's LoRA adapter with DDPO on rewarded grids for one round.
-
-    π_old is the policy that sampled the grids (their recorded log-probs), so sample the
-    round's grids with the adapter as it stands. Restores the adapter on cancel or error.
-    """
-    config = config or DDPOConfig()
-    config.validate()
-    if not examples:
-        raise NoPicksError("no rewarded grids to train on")
-
-    def train(params: list[torch.nn.Parameter]) -> RoundResult:
-        return _train(pipe, examples, config, params, on_progress, should_cancel, accelerator)
-
-    return train_adapter(pipe, config, train)
+def reward_summary(examples: list[RewardExample]) -> dict:
+    rewards = [r for ex in examples for r in ex.rewards]
+    return {
+        "reward_mean": float(np.mean(rewards)),
+        "reward_std": float(np.std(rewards)),
+        "grids": len(examples),
+    }
 
 
-def _train(pipe, examples, config, params, on_progress, should_cancel, accelerator) -> RoundResult:
-    start = time.perf_counter()
-    unet = pipe.unet
-    device = unet.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    accelerator = accelerator or make_accelerator(config, unet)
-    items, advantages = build_items(examples, config)
-    trajectories = [ex.trajectory for ex in examples]
-    batches = make_batches(trajectories, items, config.batch_size, config.seed)
-    batches = batches[accelerator.process_index :: accelerator.num_processes] or batches[:1]
-    dims = math.prod(trajectories[0].latents.shape[2:])
+class DDPOObjective(Objective):
+    """(example, image, step) items of rewarded grids, scored by PPO's clipped surrogate."""
 
-    def objective(batch: Batch) -> dict[str, torch.Tensor]:
-        logp = log_probs_of(pipe, trajectories, batch.key, batch.items)
-        old = torch.stack([trajectories[e].log_probs[i, k] for e, i, k in batch.items])
-        adv = torch.tensor([advantages[(e, i)] for e, i, _k in batch.items])
+    empty_message = "no rewarded grids to train on"
+
+    def __init__(self, examples: list[RewardExample], config: DDPOConfig) -> None:
+        self.examples, self.config = examples, config
+        self.trajectories = [ex.trajectory for ex in examples]
+
+    def items(self) -> list[tuple[int, int, int]]:
+        """All (example, image, step) items; advantages are computed on the way."""
+        require_log_probs(self.trajectories)
+        self.advantages = rewarded_advantages(
+            self.examples, clip=self.config.adv_clip, min_group=self.config.min_group
+        )
+        generator = torch.Generator().manual_seed(self.config.seed)
+        items = []
+        for e, i in self.advantages:
+            steps = self.trajectories[e].timesteps.numel()
+            for k in select_steps(steps, self.config.timestep_fraction, generator):
+                items.append((e, i, k))
+        return items
+
+    def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
+        logp = log_probs_of(pipe, self.trajectories, batch.key, batch.items)
+        old = torch.stack([self.trajectories[e].log_probs[i, k] for e, i, k in batch.items])
+        adv = torch.tensor([self.advantages[(e, i)] for e, i, _k in batch.items])
         terms = ppo_clip_loss(
             logp,
             old.to(logp.device, logp.dtype),
             adv.to(logp.device),
-            dims=dims,
-            clip_range=config.clip_range,
-            reduction=config.reduction,
+            dims=math.prod(self.trajectories[0].latents.shape[2:]),
+            clip_range=self.config.clip_range,
+            reduction=self.config.reduction,
         )
         return {
             "loss": terms.loss,
@@ -234,31 +203,5 @@ def _train(pipe, examples, config, params, on_progress, should_cancel, accelerat
             "approx_kl": 0.5 * terms.log_ratio**2,
         }
 
-    loop = optimize(
-        pipe,
-        batches,
-        config,
-        params,
-        objective,
-        accelerator=accelerator,
-        start=start,
-        on_progress=on_progress,
-        should_cancel=should_cancel,
-    )
-    rewards = [r for ex in examples for r in ex.rewards]
-    metrics = {
-        "loss": sum(h["loss"] for h in loop.history) / len(loop.history),
-        "loss_last": loop.history[-1]["loss"],
-        "accuracy": float(loop.final["accuracy"].mean()),
-        "clipfrac": float(loop.final["clipfrac"].mean()),
-        "approx_kl": float(loop.final["approx_kl"].mean()),
-        "reward_mean": float(np.mean(rewards)),
-        "reward_std": float(np.std(rewards)),
-        "grad_norm": loop.grad_norm,
-        "seconds": time.perf_counter() - start,
-        "peak_memory_mb": peak_memory_mb(device),
-        "grids": len(examples),
-        "items": len(items),
-        "optimizer_steps": loop.optimizer_steps,
-    }
-    return RoundResult(metrics=metrics, history=loop.history)
+    def summary(self) -> dict:
+        return reward_summary(self.examples)

@@ -1,0 +1,330 @@
+"""The one round loop: stored (trajectory, step) items → batched LoRA updates → metrics.
+
+An :class:`Objective` says which items a round trains on, what it computes once before any
+update (e.g. reference log-probs) and how a batch of items is scored. The loop owns the rest:
+the adapter (added if missing, restored on cancel or error), ``accelerate`` (precision,
+gradient accumulation, data parallelism through a prepared DataLoader), batching by sampling
+settings, cancel, progress events and the metrics every round reports.
+
+Many items go through the UNet in one call; the log-prob of a stored transition is computed
+exactly as in sampling (``guided_model_output`` and ``ddim_step``), so a ratio to the recorded
+log-probs is that of the policy that drew the images.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Sampler
+
+from .errors import NoPicksError, RoundCancelled, SettingsError
+from .models import add_lora, has_lora, lora_parameters, set_lora_enabled
+from .sampling import Trajectory, ddim_step, guided_model_output
+from .settings import RoundSettings
+
+
+@dataclass
+class ProgressEvent:
+    step: int
+    total: int
+    loss: float
+    accuracy: float
+    eta_s: float
+    phase: str = "train"
+
+
+@dataclass
+class RoundResult:
+    metrics: dict
+    history: list[dict]
+
+
+@dataclass
+class Batch:
+    """Items trained in one UNet call; they share the sampling settings ``key``.
+
+    ``item[0]`` of each item indexes the objective's trajectories; ``cache`` holds what the
+    objective computed for the batch before the first update (e.g. reference log-probs).
+    """
+
+    key: tuple
+    items: list[tuple]
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective:
+    """How a round scores its items. Subclasses set ``config`` and ``trajectories`` and
+    implement :meth:`items` and :meth:`terms`."""
+
+    config: RoundSettings
+    trajectories: list[Trajectory]
+    empty_message = "nothing to train on"
+
+    def items(self) -> list[tuple]:
+        """Every item of the round; ``item[0]`` indexes ``trajectories``."""
+        raise NotImplementedError
+
+    def prepare(self, pipe, batches: list[Batch]) -> None:
+        """Called once before any update, with the adapter enabled."""
+
+    def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-item tensors: ``loss`` (minimised through its mean), ``accuracy`` (shown in
+        progress) and any other terms; the round reports each term's mean over its last epoch."""
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        """Metrics of the round's data (counts, reward statistics)."""
+        return {}
+
+
+def require_log_probs(trajectories: list[Trajectory]) -> None:
+    if any(t.settings.eta <= 0 for t in trajectories):
+        raise SettingsError("grids sampled with eta = 0 have no log-probs; sample with eta > 0")
+
+
+def select_steps(
+    num_steps: int, fraction: float, generator: torch.Generator | None = None
+) -> list[int]:
+    """Indices of the denoising steps trained for one item: all, or a random fraction."""
+    if not 0 < fraction <= 1:
+        raise SettingsError(f"timestep_fraction must be in (0, 1], not {fraction}")
+    if fraction == 1:
+        return list(range(num_steps))
+    count = max(1, round(num_steps * fraction))
+    return sorted(torch.randperm(num_steps, generator=generator)[:count].tolist())
+
+
+def settings_key(traj: Trajectory) -> tuple:
+    """What the step math of a trajectory depends on; a UNet call mixes only equal keys."""
+    s = traj.settings
+    return (s.steps, s.guidance, s.eta, traj.negative_embeds is not None)
+
+
+def make_batches(
+    trajectories: list[Trajectory], items: list[tuple], batch_size: int, seed: int
+) -> list[Batch]:
+    """Shuffled batches of items (``item[0]`` indexes ``trajectories``) with one settings key."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for item in items:
+        groups[settings_key(trajectories[item[0]])].append(item)
+    rng = random.Random(seed)
+    batches = []
+    for key, group in groups.items():
+        rng.shuffle(group)
+        for i in range(0, len(group), batch_size):
+            batches.append(Batch(key=key, items=group[i : i + batch_size]))
+    rng.shuffle(batches)
+    return batches
+
+
+def log_probs_of(
+    pipe, trajectories: list[Trajectory], key: tuple, rows: list[tuple[int, int, int]]
+) -> torch.Tensor:
+    """log π(x_{t−1}|x_t) for each (trajectory, image, step) row, in one UNet call.
+
+    ``key`` is the batch's (steps, guidance, eta, has negative prompt), shared by every row.
+    """
+    unet, scheduler = pipe.unet, pipe.scheduler
+    device = unet.device
+    steps, guidance, eta, has_neg = key
+    scheduler.set_timesteps(steps, device=device)
+    x_t, x_prev, ts, cond, uncond = [], [], [], [], []
+    for e, idx, k in rows:
+        traj = trajectories[e]
+        x_t.append(traj.latents[idx, k])
+        x_prev.append(traj.latents[idx, k + 1])
+        ts.append(traj.timesteps[k])
+        cond.append(traj.prompt_embeds[0])
+        if has_neg:
+            uncond.append(traj.negative_embeds[0])
+    x_t = torch.stack(x_t).to(device)
+    x_prev = torch.stack(x_prev).to(device)
+    ts = torch.stack(ts).to(device)
+    cond = torch.stack(cond).to(device)
+    uncond_t = torch.stack(uncond).to(device) if has_neg else None
+    out = guided_model_output(unet, x_t, ts, cond, uncond_t, guidance)
+    return ddim_step(scheduler, out, ts, x_t, eta, prev_sample=x_prev).log_prob
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def make_accelerator(config: RoundSettings, unet) -> Accelerator:
+    """accelerate's Accelerator for a round's precision and gradient accumulation; the
+    precision follows the UNet's dtype unless the config names one."""
+    device = unet.device
+    precision = config.mixed_precision or _precision_of(unet.dtype, device)
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=device.type == "cpu",
+    )
+
+
+def _precision_of(dtype: torch.dtype, device: torch.device) -> str:
+    if device.type != "cuda":
+        return "no"
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+
+
+@contextmanager
+def trained_adapter(unet, config: RoundSettings) -> Iterator[list[torch.nn.Parameter]]:
+    """The UNet's LoRA parameters (an adapter is added if missing); on cancel or error the
+    adapter weights are restored to their state before the block."""
+    if not has_lora(unet):
+        add_lora(unet, config.lora)
+    set_lora_enabled(unet, True)
+    params = lora_parameters(unet)
+    snapshot = [p.detach().clone() for p in params]
+    try:
+        yield params
+    except BaseException:
+        with torch.no_grad():
+            for p, saved in zip(params, snapshot, strict=True):
+                p.copy_(saved)
+        raise
+    finally:
+        set_lora_enabled(unet, True)
+        if config.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+        unet.eval()
+
+
+class _RoundOrder(Sampler[int]):
+    """Batch indices for the whole round: each epoch a fresh shuffle, epochs back to back, so
+    one DataLoader pass is the round and its end closes the last accumulation group."""
+
+    def __init__(self, count: int, epochs: int, seed: int) -> None:
+        self.count, self.epochs, self.seed = count, epochs, seed
+
+    def __iter__(self) -> Iterator[int]:
+        rng = random.Random(self.seed)
+        for _ in range(self.epochs):
+            order = list(range(self.count))
+            rng.shuffle(order)
+            yield from order
+
+    def __len__(self) -> int:
+        return self.count * self.epochs
+
+
+def _records(length: int, epochs: int, grad_accum: int) -> int:
+    """How many history records a round of ``length`` batches writes (see :func:`run_round`)."""
+    records, pending = 0, 0
+    for j in range(length):
+        pending += 1
+        sync = pending == grad_accum or j == length - 1
+        pending = 0 if sync else pending
+        records += sync or _epoch(j + 1, length, epochs) != _epoch(j, length, epochs)
+    return records
+
+
+def _epoch(j: int, length: int, epochs: int) -> int:
+    return min(j * epochs // length, epochs - 1)
+
+
+def run_round(
+    pipe,
+    objective: Objective,
+    *,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    accelerator: Accelerator | None = None,
+) -> RoundResult:
+    """Train the pipeline's LoRA adapter on the objective's items for one round.
+
+    AdamW on the LoRA parameters for ``config.epochs`` passes; a history record averages the
+    terms over each optimizer step (and closes at each epoch's end). A cancelled or failed
+    round leaves the adapter as it was.
+    """
+    config = objective.config
+    config.validate()
+    items = objective.items()
+    if not items:
+        raise NoPicksError(objective.empty_message)
+    unet = pipe.unet
+    with trained_adapter(unet, config) as params:
+        start = time.perf_counter()
+        if unet.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(unet.device)
+        accelerator = accelerator or make_accelerator(config, unet)
+        batches = make_batches(objective.trajectories, items, config.batch_size, config.seed)
+        with torch.no_grad():
+            objective.prepare(pipe, batches)
+        model = accelerator.prepare_model(unet) if accelerator.num_processes > 1 else unet
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+        optimizer = accelerator.prepare_optimizer(optimizer)
+        loader = DataLoader(
+            batches,
+            batch_size=1,
+            sampler=_RoundOrder(len(batches), config.epochs, config.seed + 1),
+            collate_fn=lambda one: one[0],
+        )
+        loader = accelerator.prepare_data_loader(loader, device_placement=False)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            unet.train()
+        for p in params:  # nothing left over from an earlier round's accumulation
+            p.grad = None
+        length = len(loader)
+        total = _records(length, config.epochs, config.grad_accum)
+        history: list[dict] = []
+        window: list[dict[str, torch.Tensor]] = []
+        final: list[dict[str, torch.Tensor]] = []
+        norms: list[float] = []
+        for j, batch in enumerate(loader):
+            if should_cancel is not None and should_cancel():
+                raise RoundCancelled("round cancelled; the adapter is unchanged")
+            epoch = _epoch(j, length, config.epochs)
+            with accelerator.accumulate(model):
+                terms = objective.terms(pipe, batch)
+                loss = terms["loss"].mean()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError("the loss is not finite; lower the learning rate")
+                accelerator.backward(loss)
+                detached = {k: v.detach() for k, v in terms.items()}
+                window.append(detached)
+                if epoch == config.epochs - 1:
+                    final.append(detached)
+                if accelerator.sync_gradients:
+                    norms.append(float(accelerator.clip_grad_norm_(params, config.max_grad_norm)))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients or _epoch(j + 1, length, config.epochs) != epoch:
+                record = {"step": len(history) + 1, "epoch": epoch}
+                for k in window[0]:
+                    record[k] = float(torch.cat([w[k] for w in window]).double().mean())
+                history.append(record)
+                window = []
+                if on_progress is not None:
+                    elapsed = time.perf_counter() - start
+                    eta = elapsed / len(history) * max(total - len(history), 0)
+                    on_progress(
+                        ProgressEvent(len(history), total, record["loss"], record["accuracy"], eta)
+                    )
+        last = {k: torch.cat([f[k] for f in final]).double() for k in final[0]}
+        metrics = {
+            "loss": sum(h["loss"] for h in history) / len(history),
+            "loss_last": history[-1]["loss"],
+            **{k: float(v.mean()) for k, v in last.items() if k != "loss"},
+            "grad_norm": sum(norms) / max(len(norms), 1),
+            "seconds": time.perf_counter() - start,
+            "peak_memory_mb": peak_memory_mb(unet.device),
+            "items": len(items),
+            "optimizer_steps": len(norms),
+            **objective.summary(),
+        }
+    return RoundResult(metrics=metrics, history=history)
