@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,9 @@ import pytest
 from safetensors.torch import load_file
 
 from d3po_core.__main__ import main
+from d3po_core.objectives import METHODS
 from d3po_core.session import Session
+from d3po_core.settings import LoraSettings, SampleSettings, spec
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["generate", "label", "train", "simulate", "export"]
@@ -121,30 +124,79 @@ def test_simulate_prints_a_table_and_writes_json(tiny_eps, tmp_path, capsys):
     assert "win rate" in printed and len(printed.splitlines()) >= 5
 
 
-def test_simulate_ddpo_trains_on_the_scorer_values(tiny_eps, tmp_path):
-    out = tmp_path / "ddpo.json"
+@pytest.mark.parametrize("method", ["ddpo", "p3o"])
+def test_simulate_a_reward_method_trains_on_the_scorer_values(tiny_eps, tmp_path, method):
+    out = tmp_path / f"{method}.json"
     args = ["simulate", "--session", str(tmp_path / "s"), "--model", str(tiny_eps)]
-    args += ["--method", "ddpo", "--scorer", "jpeg_compressibility", "--rounds", "2"]
+    args += ["--method", method, "--scorer", "jpeg_compressibility", "--rounds", "2"]
     args += ["--grids", "2", "--prompts", "a red circle", "--eval-seeds", "2"]
-    args += ["--json", str(out), *SMALL]
+    args += ["--clip-range", "0.001", "--json", str(out), *SMALL]
     assert main(args) == 0
     payload = json.loads(out.read_text())
-    assert payload["method"] == "ddpo" and payload["ddpo"]["clip_range"] == 1e-4
+    assert payload["method"] == method and payload[method]["clip_range"] == 1e-3
     table = payload["rounds"]
     assert [row["images_sampled"] for row in table] == [0, 2 * 2, 4 * 2]  # 2 grids of 2 a round
     with Session.open(tmp_path / "s", create=False) as session:
         rounds = session.rounds_df()
-        assert list(rounds["setting_method"]) == ["ddpo", "ddpo"]
+        assert list(rounds["setting_method"]) == [method, method]
         assert rounds["metric_clipfrac"].notna().all()
-        # DDPO rounds use rewards, not picks: no pick was made, none consumed
+        # reward methods use rewards, not picks: no pick was made, none consumed
         assert len(session.picks_df()) == 0 and list(rounds["last_pick_id"]) == [0, 0]
+
+
+CLI_HIDDEN = {"lora": "nested settings: rank, alpha and targets are flags of their own"}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_setting_has_a_flag_with_its_help_and_bounds(method, capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--method", method, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for cls in (SampleSettings, LoraSettings, METHODS[method].config):
+        for f in fields(cls):
+            if f.name in CLI_HIDDEN:
+                assert not f.metadata["cli"]
+                continue
+            s = spec(cls, f.name)
+            assert f"--{f.name}" in text, f"{cls.__name__}.{f.name} has no flag"
+            assert " ".join(s.help.split()) in text
+            if s.low is not None and s.high is not None and not s.low_open:
+                assert f"between {s.low:g} and {s.high:g}" in text
+
+
+def test_flags_parse_into_checked_settings(tiny_eps, tmp_path, capsys):
+    args = ["train", "--session", str(tmp_path / "s"), "--model", str(tiny_eps)]
+    assert main([*args, "--beta", "0"]) == 2
+    assert "beta must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse's own check of the declared choices
+        main([*args, "--reduction", "median"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_is_short_on_screen_and_logged_in_the_session(
+    tmp_path, capsys, monkeypatch
+):
+    from d3po_core import workflow
+
+    def broken(session):
+        raise RuntimeError("a bug deep inside")
+
+    monkeypatch.setattr(workflow, "unlabeled_grids", broken)
+    session = tmp_path / "s"
+    assert main(["label", "--session", str(session), "--scorer", "jpeg_compressibility"]) == 1
+    err = capsys.readouterr().err
+    assert "unexpected error (RuntimeError: a bug deep inside)" in err
+    assert "Traceback" not in err
+    log = (session / "logs" / "errors.log").read_text()
+    assert "Traceback" in log and "a bug deep inside" in log and "broken" in log
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
         (["generate", "--model", "/no/such/model", "--prompt", "x"], "model folder not found"),
-        (["generate", "--prompt", "x", "--grid-size", "40"], "out of range"),
+        (["generate", "--prompt", "x", "--grid-size", "40"], "grid size must be between 2 and 16"),
+        (["simulate", "--method", "nope", "--scorer", "x", "--prompts", "x"], "unknown --method"),
         (["label", "--scorer", "nope"], "not a built-in"),
         (["export", "--picks", "x.csv"], "no session"),
     ],

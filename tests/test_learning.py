@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from d3po_core.models import default_model, load_pipeline
+from d3po_core.objectives.d3po import D3POConfig
 from d3po_core.sampling import SampleSettings
 from d3po_core.session import Session
 from d3po_core.simulate import EvalSet, simulate
-from d3po_core.trainer import D3POConfig
 
 
 def brightness(image, prompt: str = "") -> float:

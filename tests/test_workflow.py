@@ -10,12 +10,13 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
+from d3po_core.errors import NoPicksError, SettingsError
 from d3po_core.export import export_diffusers, export_kohya, export_picks
 from d3po_core.models import has_lora, load_pipeline
+from d3po_core.objectives.d3po import D3POConfig
 from d3po_core.sampling import sample_grid
 from d3po_core.scorers import jpeg_compressibility
 from d3po_core.session import Session
-from d3po_core.trainer import D3POConfig, NoPicksError
 from d3po_core.workflow import (
     activate,
     generate,
@@ -50,7 +51,7 @@ def test_generate_stores_a_grid_whose_trajectory_reloads(pipe, session):
     assert torch.equal(traj.latents, grid.trajectory.latents)
     assert traj.settings == FAST
     assert unlabeled_grids(session) == [grid_id]
-    with pytest.raises(ValueError, match="prompt is empty"):
+    with pytest.raises(SettingsError, match="prompt is empty"):
         generate(pipe, session, "   ", FAST)
 
 
@@ -141,5 +142,5 @@ def test_picks_export_parquet_and_jsonl(pipe, session, tmp_path):
     rows = [json.loads(line) for line in lines.read_text().splitlines()]
     assert rows[2]["kind"] == "skip" and rows[2]["best"] is None
     assert rows[0]["prompt"] == "a red circle"
-    with pytest.raises(ValueError, match=".parquet or .jsonl"):
+    with pytest.raises(SettingsError, match=".parquet or .jsonl"):
         export_picks(session, tmp_path / "picks.csv")
