@@ -1,11 +1,12 @@
-"""The paper's headline on the embedded model: D3PO (ranking only) vs DDPO (reward) vs base.
+"""The paper's headline on the embedded model: D3PO (ranking only) vs DDPO and P3O (reward).
 
     python bench/learning.py [--seeds 3] [--rounds 4] [--part 1/2] [--report-only]
 
 For JPEG compressibility and incompressibility, each seed runs R rounds of 32 sampled images
 (8 grids of 4): D3PO trains on the scorer's best and worst of each grid, DDPO on the scorer's
-values (per-prompt normalised advantages); both then score a fixed evaluation set (4 prompts
-x 8 seeds) against the untuned model on the same noise. Runs are cached as JSON in
+values (per-prompt normalised advantages), P3O on their differences within a grid; all then
+score a fixed evaluation set (4 prompts x 8 seeds) against the untuned model on the same
+noise. Runs are cached as JSON in
 bench/results/learning, so ``--part i/k`` can split them over processes and a re-run only
 reports. Writes docs/img/learning.png and prints the markdown table of docs/benchmarks.md.
 """
@@ -23,7 +24,7 @@ OBJECTIVES = {
     "jpeg_compressibility": ("JPEG compressibility", -1.0, "lower is better"),
     "jpeg_incompressibility": ("JPEG incompressibility", 1.0, "higher is better"),
 }
-METHODS = ("d3po", "ddpo")
+METHODS = ("d3po", "ddpo", "p3o")
 
 
 def specs(seeds: int, rounds: int) -> list[dict]:
@@ -112,7 +113,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(OBJECTIVES), figsize=(5.2 * len(OBJECTIVES), 3.8))
-    colours = {"d3po": "tab:blue", "ddpo": "tab:orange"}
+    colours = {"d3po": "tab:blue", "ddpo": "tab:orange", "p3o": "tab:green"}
     for ax, (objective, (label, _sign, better)) in zip(axes, OBJECTIVES.items(), strict=True):
         part = df[df["objective"] == objective]
         if part.empty:

@@ -1,6 +1,6 @@
 """Shared runner of the learning benchmarks: one scripted run a spec, cached as JSON.
 
-A spec names an objective (a scorer), a method (d3po or ddpo), a seed, and overrides of the
+A spec names an objective (a scorer), a method (d3po, ddpo or p3o), a seed, and overrides of the
 method's config and of the sampling settings. ``run_specs`` runs what is not cached yet
 (``--part i/k`` splits the work across processes); ``load_results`` reads them back.
 """
@@ -19,13 +19,12 @@ from pathlib import Path
 
 import torch
 
-from d3po_core.ddpo import DDPOConfig
 from d3po_core.models import default_model, load_pipeline
+from d3po_core.objectives import METHODS
 from d3po_core.sampling import SampleSettings
 from d3po_core.scorers import load_scorer
 from d3po_core.session import Session
 from d3po_core.simulate import EvalSet, simulate
-from d3po_core.trainer import D3POConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -76,10 +75,7 @@ def run_one(s: dict, out: Path, model: str | None) -> dict:
     base = SampleSettings(guidance=pipe.recommended.get("guidance", SampleSettings().guidance))
     settings = replace(base, **s["settings"])
     grids = IMAGES_PER_ROUND // settings.n
-    if s["method"] == "ddpo":
-        config = DDPOConfig(**{**s["config"], "seed": s["seed"]})
-    else:
-        config = D3POConfig(**{**s["config"], "seed": s["seed"]})
+    config = METHODS[s["method"]].config(**{**s["config"], "seed": s["seed"]})
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, Session.open(Path(tmp) / "s") as session:
         table = simulate(

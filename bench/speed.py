@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from d3po_core.models import assemble_pipeline, default_model, load_pipeline, remove_lora
+from d3po_core.objectives.d3po import D3POConfig, D3POObjective, Example
+from d3po_core.rounds import run_round
 from d3po_core.sampling import SampleSettings, sample_grid
-from d3po_core.trainer import D3POConfig, Example, run_round
 
 PROMPT = "a red circle"
 
@@ -97,7 +98,7 @@ def rounds(pipe, settings: SampleSettings, config: D3POConfig, picks: int, repea
     metrics = []
     for _ in range(max(1, repeats)):
         remove_lora(pipe.unet)
-        metrics.append(run_round(pipe, examples, config).metrics)
+        metrics.append(run_round(pipe, D3POObjective(examples, config)).metrics)
     seconds = statistics.median(m["seconds"] for m in metrics)
     items = metrics[0]["items"] * config.epochs
     return {

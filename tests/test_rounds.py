@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from d3po_core.models import lora_parameters
-from d3po_core.sampling import sample_grid
 from d3po_core.errors import NoPicksError, RoundCancelled, SettingsError
+from d3po_core.models import lora_parameters
 from d3po_core.objectives.d3po import D3POConfig, D3POObjective, Example
+from d3po_core.sampling import sample_grid
 
 from .conftest import FAST, d3po_round
 
