@@ -6,6 +6,7 @@ here or in the engine. GPU work (sampling, training) runs one job at a time unde
 
 from __future__ import annotations
 
+import queue
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -191,6 +192,29 @@ class StudioController:
                 should_cancel=self._cancel.is_set,
             )
         return round_id, metrics
+
+    def train_stream(
+        self, config: D3POConfig | None = None
+    ) -> Iterator[ProgressEvent | tuple[int, dict]]:
+        """:meth:`train` in a worker thread, as a stream for a UI thread: the round's progress
+        events, then (round id, metrics). The round's error is raised here."""
+        events: queue.Queue = queue.Queue()
+        outcome: dict = {}
+
+        def work() -> None:
+            try:
+                outcome["result"] = self.train(config, on_progress=events.put)
+            except BaseException as exc:  # raised below, in the caller's thread
+                outcome["error"] = exc
+            finally:
+                events.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (event := events.get()) is not None:
+            yield event
+        if "error" in outcome:
+            raise outcome["error"]
+        yield outcome["result"]
 
     def cancel_training(self) -> None:
         """Ask the running round to stop at its next step; it then commits nothing."""

@@ -44,6 +44,14 @@ def progress_text(event) -> str:
     return f"step {event.step}/{event.total}, ETA {event.eta_s:.0f} s"
 
 
+def curve_rows(event) -> list[dict]:
+    """One progress event as rows of the loss/accuracy curve (step, metric, value)."""
+    return [
+        {"step": event.step, "metric": "loss", "value": event.loss},
+        {"step": event.step, "metric": "accuracy", "value": event.accuracy},
+    ]
+
+
 def round_saved(round_id: int, metrics: dict) -> str:
     return (
         f"Round {round_id} saved and active: loss {metrics['loss']:.4f}, "

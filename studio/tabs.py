@@ -1,0 +1,362 @@
+"""The studio's five tabs, one function each: layout and callbacks over the controller.
+
+A callback only translates between widgets and controller verbs. Settings controls come from
+their declarations (:mod:`studio.controls`), captions and tables from :mod:`studio.views`.
+Per-tab UI state (the grid on screen, the pending best pick, the blind pair) is small and
+lives in ``gr.State``. A failed action shows one line (:meth:`StudioController.attempt`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from d3po_core.errors import RoundCancelled
+from d3po_core.rounds import ProgressEvent
+
+from . import controls, views
+from .controller import StudioController
+
+GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}  # one sampling/training job at a time
+
+
+def _labeler(name: str) -> str:
+    return (name or "").strip()[:64]
+
+
+@dataclass
+class Shared:
+    """Components more than one tab reads or writes (set as the tabs are laid out)."""
+
+    labeler: gr.Textbox
+    status: gr.Markdown
+    picks_count: gr.Markdown | None = None
+    round_pick: gr.Dropdown | None = None
+    rates: gr.Dataframe | None = None
+
+
+def label_tab(ctl: StudioController, shared: Shared) -> None:
+    """Prompt, grid size and sampling; click best then worst (keys 1–9), tie, skip, undo."""
+    sample = ctl.sample_settings
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", value="a circle", scale=4, elem_id="prompt")
+        sample_controls = {
+            path: controls.gradio_control(controls.SAMPLE_ROOT, path, getattr(sample, path))
+            for path in controls.LABEL_MAIN
+        }
+    with gr.Accordion("Sampling", open=False):
+        for path in controls.SAMPLING:
+            sample_controls[path] = controls.gradio_control(
+                controls.SAMPLE_ROOT, path, getattr(sample, path)
+            )
+    with gr.Row():
+        generate_btn = gr.Button("Generate (g)", variant="primary", elem_id="generate-btn")
+        next_prompt_btn = gr.Button("Next prompt from list")
+        tie_btn = gr.Button("Tie (t)", elem_id="tie-btn")
+        skip_btn = gr.Button("Skip (s)", elem_id="skip-btn")
+        undo_btn = gr.Button("Undo (u)", elem_id="undo-btn")
+    waiting = views.picks_waiting(ctl.picks_since_last_round())
+    picks_count = shared.picks_count = gr.Markdown(waiting, elem_id="pick-counter")
+    grid_info = gr.Markdown("", elem_id="grid-info")
+    grid = gr.Gallery(
+        label="Click the best, then the worst (keys 1–9)",
+        columns=4,
+        allow_preview=False,
+        elem_id="grid",
+        height="auto",
+    )
+    with gr.Accordion("Prompt list", open=False):
+        prompt_list = gr.Textbox(label="Prompts, one a line", lines=4)
+        add_prompts_btn = gr.Button("Add to the list")
+    shown = gr.State(None)  # grid id on screen
+    pending_best = gr.State(None)
+    advance = gr.State(False)  # a pick, tie or skip was saved: the next grid follows
+    status, labeler = shared.status, shared.labeler
+
+    def count() -> str:
+        return views.picks_waiting(ctl.picks_since_last_round())
+
+    def sample_grid(text, data, progress):
+        values = {path: data[c] for path, c in sample_controls.items()}
+        settings = controls.settings_from(ctl.sample_settings, values)
+        return ctl.generate(
+            text, settings=settings, on_step=lambda s, t: progress(s / t, desc="sampling")
+        )
+
+    def show_grid(data, progress=gr.Progress()):
+        view, error = ctl.attempt(sample_grid, data[prompt], data, progress)
+        if error:  # the grid on screen stays as it was
+            return gr.update(), gr.update(), gr.update(), gr.update(), error
+        return (
+            view.images,
+            view.grid_id,
+            None,
+            views.grid_caption(view),
+            "Click the **best** image.",
+        )
+
+    def next_grid(data, progress=gr.Progress()):
+        """After a saved pick: the next grid, for the next prompt of the list if any."""
+        if not data[advance]:
+            return (gr.update(),) * 6
+        text = ctl.next_prompt(data[prompt]) or data[prompt]
+        return (text, *show_grid({**data, prompt: text}, progress))
+
+    def select(grid_id, best, name, evt: gr.SelectData):
+        if grid_id is None:
+            return best, "Generate a grid first.", count(), False
+        index = evt.index
+        if best is None:
+            return index, f"Best: image {index + 1}. Now click the **worst**.", count(), False
+        if index == best:
+            text = "That is the best one; click a different image for the worst."
+            return best, text, count(), False
+        pick_id, error = ctl.attempt(ctl.pick, grid_id, best, index, labeler=_labeler(name))
+        if error:
+            return None, error, count(), False
+        return None, f"Saved pick {pick_id} (best {best + 1}, worst {index + 1}).", count(), True
+
+    def mark(kind, grid_id, name):
+        if grid_id is None:
+            return "Generate a grid first.", count(), False
+        pick_id, error = ctl.attempt(getattr(ctl, kind), grid_id, labeler=_labeler(name))
+        if error:
+            return error, count(), False
+        return f"Saved {kind} ({pick_id}).", count(), True
+
+    def undo(name):
+        undone, error = ctl.attempt(ctl.undo, _labeler(name) or None)
+        said = error or ("Nothing to undo." if undone is None else f"Undid pick {undone}.")
+        return said, count()
+
+    def add_prompts(text):
+        added, error = ctl.attempt(ctl.add_prompts, text or "")
+        return error or f"Added {added} prompt(s) to the list."
+
+    grid_inputs = {prompt, *sample_controls.values()}
+    grid_outputs = [grid, shown, pending_best, grid_info, status]
+    generate_btn.click(show_grid, grid_inputs, grid_outputs, **GPU)
+
+    def then_next_grid(event) -> None:
+        event.then(next_grid, {advance, *grid_inputs}, [prompt, *grid_outputs], **GPU)
+
+    marked = [pending_best, status, picks_count, advance]
+    then_next_grid(grid.select(select, [shown, pending_best, labeler], marked))
+    for button, kind in ((tie_btn, "tie"), (skip_btn, "skip")):
+        event = button.click(
+            lambda g, n, k=kind: mark(k, g, n), [shown, labeler], [status, picks_count, advance]
+        )
+        then_next_grid(event)
+    undo_btn.click(undo, [labeler], [status, picks_count])
+    next_prompt_btn.click(lambda text: ctl.next_prompt(text) or text, [prompt], [prompt])
+    add_prompts_btn.click(add_prompts, [prompt_list], [status])
+
+
+def train_tab(ctl: StudioController, shared: Shared):
+    """Round settings (main and advanced), progress with ETA, the loss/accuracy curve, cancel.
+
+    Returns the train event, so that other tabs can refresh after it.
+    """
+    gr.Markdown("Settings start at safe defaults; the text under each says what it does.")
+    with gr.Row():
+        settings = {p: controls.gradio_control(controls.TRAIN_ROOT, p) for p in controls.TRAIN_MAIN}
+    with gr.Accordion("Advanced", open=False), gr.Row():
+        for path in controls.TRAIN_ADVANCED:
+            settings[path] = controls.gradio_control(controls.TRAIN_ROOT, path)
+    with gr.Row():
+        train_btn = gr.Button("Train a round", variant="primary", elem_id="train-btn")
+        cancel_btn = gr.Button("Cancel", elem_id="cancel-btn")
+    train_status = gr.Markdown("", elem_id="train-status")
+    curve = gr.LinePlot(x="step", y="value", color="metric", label="Loss and accuracy", height=260)
+
+    def train(data, progress=gr.Progress()):
+        """Streams the round's progress and loss/accuracy curve as it trains."""
+        rows: list[dict] = []
+        try:
+            values = {path: data[c] for path, c in settings.items()}
+            config = controls.settings_from(controls.TRAIN_ROOT(), values)
+            for event in ctl.train_stream(config):
+                if not isinstance(event, ProgressEvent):
+                    text = views.round_saved(*event)
+                    break
+                progress(event.step / event.total, desc=views.progress_text(event))
+                rows += views.curve_rows(event)
+                yield f"Training: {views.progress_text(event)}", pd.DataFrame(rows), gr.update()
+        except RoundCancelled:
+            text = views.CANCELLED
+        except Exception as exc:
+            text = ctl.describe_error(exc)
+        yield text, gr.update(), views.picks_waiting(ctl.picks_since_last_round())
+
+    cancel_btn.click(
+        lambda: (ctl.cancel_training(), "Cancelling…")[1],
+        None,
+        [train_status],
+        concurrency_limit=None,
+    )
+    outputs = [train_status, curve, shared.picks_count]
+    return train_btn.click(train, set(settings.values()), outputs, **GPU)
+
+
+def compare_tab(ctl: StudioController, shared: Shared) -> None:
+    """Base vs a round side by side on the same seeds; blind A/B votes with a win rate."""
+    with gr.Row():
+        round_pick = shared.round_pick = gr.Dropdown(
+            label="Round", choices=[], elem_id="round-pick"
+        )
+        compare_prompt = gr.Textbox(label="Prompt", value="a circle")
+        n_seeds = gr.Slider(1, 8, 4, step=1, label="Seeds")
+    side_btn = gr.Button("Side by side")
+    with gr.Row():
+        base_gallery = gr.Gallery(label="Base", columns=4, allow_preview=False)
+        tuned_gallery = gr.Gallery(label="Round", columns=4, allow_preview=False)
+    gr.Markdown(
+        "### Blind A/B\nWhich do you prefer? The order is random; it is revealed after the vote."
+    )
+    pair_btn = gr.Button("New pair", elem_id="pair-btn")
+    with gr.Row():
+        left_img = gr.Image(label="Left", interactive=False, elem_id="left-img")
+        right_img = gr.Image(label="Right", interactive=False, elem_id="right-img")
+    with gr.Row():
+        left_btn = gr.Button("Left is better", elem_id="vote-left")
+        tie_vote_btn = gr.Button("Tie", elem_id="vote-tie")
+        right_btn = gr.Button("Right is better", elem_id="vote-right")
+    reveal = gr.Markdown("", elem_id="reveal")
+    rates = shared.rates = gr.Dataframe(label="Win rate of each round vs base", interactive=False)
+    blind = gr.State(None)
+
+    def side_by_side(round_id, text, n, progress=gr.Progress()):
+        if round_id is None:
+            return gr.update(), gr.update(), "Train a round first."
+        seeds = list(range(int(n)))
+        images, error = ctl.attempt(ctl.compare, int(round_id), text, seeds)
+        if error:
+            return gr.update(), gr.update(), error
+        return *images, f"Base vs round {round_id}, seeds 0–{int(n) - 1}."
+
+    def new_pair(round_id, text):
+        if round_id is None:
+            return None, None, None, "Train a round first."
+        pair, error = ctl.attempt(ctl.blind_pair, int(round_id), text)
+        if error:
+            return None, None, None, error
+        return pair.left, pair.right, pair, "Vote: which is better?"
+
+    def vote(pair, choice, name):
+        if pair is None:
+            return None, "Ask for a new pair first.", gr.update()
+        table, error = ctl.attempt(ctl.vote, pair, choice, labeler=_labeler(name))
+        if error:
+            return pair, error, gr.update()
+        return None, views.reveal_text(pair), views.win_rate_table(table)
+
+    side_btn.click(
+        side_by_side,
+        [round_pick, compare_prompt, n_seeds],
+        [base_gallery, tuned_gallery, shared.status],
+        **GPU,
+    )
+    pair_btn.click(
+        new_pair, [round_pick, compare_prompt], [left_img, right_img, blind, reveal], **GPU
+    )
+    for button, choice in ((left_btn, "left"), (right_btn, "right"), (tie_vote_btn, "tie")):
+        button.click(
+            lambda p, n, c=choice: vote(p, c, n), [blind, shared.labeler], [blind, reveal, rates]
+        )
+
+
+def history_tab(ctl: StudioController, shared: Shared) -> tuple[Callable, None, list]:
+    """Rounds, picks and labeler agreement as tables, metrics per round; activate a round.
+
+    Returns the listener that refreshes the history, Compare's round list and the win rates,
+    as ``(fn, inputs, outputs)`` for ``event.then(*...)`` and ``app.load(*...)``.
+    """
+    refresh_btn = gr.Button("Refresh")
+    metrics_plot = gr.LinePlot(
+        x="round", y="value", color="metric", label="Metrics per round", height=240
+    )
+    rounds_table = gr.Dataframe(label="Rounds", interactive=False, elem_id="rounds-table")
+    with gr.Row():
+        activate_pick = gr.Dropdown(label="Activate round", choices=[])
+        activate_btn = gr.Button("Activate")
+        base_btn = gr.Button("Roll back to the base model")
+    picks_table = gr.Dataframe(label="Picks", interactive=False)
+    agreement_table = gr.Dataframe(label="Agreement between labelers", interactive=False)
+
+    def refresh():
+        rounds = ctl.rounds()
+        ids = views.round_ids(rounds)
+        return (
+            views.metrics_long(rounds),
+            views.round_table(rounds),
+            views.picks_table(ctl.picks()),
+            ctl.agreement(),
+            gr.update(choices=ids),
+            gr.update(choices=ids, value=ids[-1] if ids else None),
+            views.win_rate_table(ctl.win_rates()),
+        )
+
+    outputs = [
+        metrics_plot,
+        rounds_table,
+        picks_table,
+        agreement_table,
+        activate_pick,
+        shared.round_pick,
+        shared.rates,
+    ]
+
+    def activate(round_id):
+        round_id = None if round_id is None else int(round_id)
+        _, error = ctl.attempt(ctl.activate, round_id)
+        return error or views.activated(round_id)
+
+    refresh_btn.click(refresh, None, outputs)
+    activate_btn.click(activate, [activate_pick], [shared.status], **GPU).then(
+        refresh, None, outputs
+    )
+    base_btn.click(lambda: activate(None), None, [shared.status], **GPU).then(
+        refresh, None, outputs
+    )
+    return refresh, None, outputs
+
+
+def export_tab(ctl: StudioController) -> None:
+    """The active round's LoRA for diffusers and for A1111/ComfyUI; the picks as tables."""
+    gr.Markdown(
+        "The active round's LoRA, for diffusers and for A1111/ComfyUI; your picks as tables."
+    )
+    with gr.Row():
+        lora_btn = gr.Button("LoRA (diffusers/peft)")
+        kohya_btn = gr.Button("LoRA (A1111/ComfyUI)")
+        parquet_btn = gr.Button("Picks (parquet)")
+        jsonl_btn = gr.Button("Picks (JSONL)")
+    export_file = gr.File(label="Download", interactive=False)
+    export_status = gr.Markdown("")
+    out_dir = Path(tempfile.mkdtemp(prefix="d3po-export-"))
+
+    def export(kind: str) -> Path:
+        if kind == "lora":
+            return ctl.export_lora(out_dir / f"round-{ctl.active_round()}-lora")
+        if kind == "kohya":
+            return ctl.export_kohya(out_dir / f"d3po-round-{ctl.active_round()}.safetensors")
+        return ctl.export_picks(out_dir / f"picks.{kind}")
+
+    def do_export(kind: str):
+        path, error = ctl.attempt(export, kind)
+        if error:
+            return None, error
+        return str(path), f"Exported {path.name}."
+
+    for button, kind in (
+        (lora_btn, "lora"),
+        (kohya_btn, "kohya"),
+        (parquet_btn, "parquet"),
+        (jsonl_btn, "jsonl"),
+    ):
+        button.click(lambda k=kind: do_export(k), None, [export_file, export_status])
