@@ -87,7 +87,8 @@ def gradio_control(root: type, path: str, value: Any = None, **kwargs: Any):
     """The Gradio input for one setting: label, help, bounds and choices from its declaration.
 
     choice → Radio (Dropdown with "auto" when optional); bool → Checkbox; a number with both
-    bounds → Slider; another number → Number (empty: "off" when optional); text → Textbox.
+    bounds → Slider; an optional number → Textbox, empty: "off" (Gradio's Number shows and
+    sends 0 for an empty value); another number → Number; text → Textbox.
     """
     import gradio as gr
 
@@ -103,13 +104,15 @@ def gradio_control(root: type, path: str, value: Any = None, **kwargs: Any):
         return gr.Checkbox(value=value, **common)
     if s.kind in ("int", "float") and _is_slider(s):
         return gr.Slider(s.low, s.high, value=value, step=_step(s), **common)
+    if s.kind in ("int", "float") and s.optional:
+        text = "" if value is None else str(value)
+        return gr.Textbox(value=text, placeholder=NONE_NUMBER, **common)
     if s.kind in ("int", "float"):
         return gr.Number(
             value=value,
             minimum=None if s.low_open else s.low,
             maximum=s.high,
             precision=0 if s.kind == "int" else None,
-            placeholder=NONE_NUMBER if s.optional else None,
             **common,
         )
     if s.kind == "str":

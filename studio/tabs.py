@@ -164,10 +164,13 @@ def train_tab(ctl: StudioController, shared: Shared):
     """
     gr.Markdown("Settings start at safe defaults; the text under each says what it does.")
     with gr.Row():
-        settings = {p: controls.gradio_control(controls.TRAIN_ROOT, p) for p in controls.TRAIN_MAIN}
+        settings = {
+            p: controls.gradio_control(controls.TRAIN_ROOT, p, min_width=200)
+            for p in controls.TRAIN_MAIN
+        }
     with gr.Accordion("Advanced", open=False), gr.Row():
         for path in controls.TRAIN_ADVANCED:
-            settings[path] = controls.gradio_control(controls.TRAIN_ROOT, path)
+            settings[path] = controls.gradio_control(controls.TRAIN_ROOT, path, min_width=200)
     with gr.Row():
         train_btn = gr.Button("Train a round", variant="primary", elem_id="train-btn")
         cancel_btn = gr.Button("Cancel", elem_id="cancel-btn")

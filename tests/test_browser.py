@@ -95,6 +95,7 @@ def test_label_train_compare_in_a_real_browser(studio):
         page.wait_for_selector("#prompt textarea", timeout=60_000)
         page.get_by_label("Your name (saved with every pick)").fill("ana")
         page.fill("#prompt textarea", "a red circle")
+        page.get_by_text("Sampling").click()  # shown settings, left alone, sample as declared
         page.click("#generate-btn")
         status = page.locator("#status")
         expect(status).to_contain_text("Click the best", timeout=120_000)
@@ -135,6 +136,7 @@ def test_label_train_compare_in_a_real_browser(studio):
 
         # train a round
         page.get_by_role("tab", name="Train").click()
+        page.get_by_text("Advanced").click()  # shown settings, left alone, train as declared
         page.screenshot(path=str(shots / "train-before.png"), full_page=True)
         page.click("#train-btn")
         expect(page.locator("#train-status")).to_contain_text("Round 1 saved", timeout=300_000)

@@ -76,6 +76,9 @@ def test_controls_carry_the_declared_label_help_bounds_and_choices(root, path):
     elif kind == "Number":
         assert control.minimum == (None if s.low_open else s.low)
         assert control.maximum == s.high
+    elif s.optional:  # an optional number: empty is "off", its bounds are checked on use
+        assert control.placeholder == widget.placeholder == controls.NONE_NUMBER
+        assert control.value == widget.value == ""
     else:
         assert s.kind in ("bool", "str"), f"{path} is a {kind}"
 
