@@ -28,3 +28,11 @@ def test_auth_needs_user_and_password(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--auth", "justaname"])
     assert "USER:PASS" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_load_is_one_line_and_exit_code_2(tmp_path, capsys):
+    from studio.__main__ import main
+
+    code = main(["--model", str(tmp_path / "no-model"), "--session", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: model folder not found") and "Traceback" not in err
