@@ -62,12 +62,14 @@ class Batch:
 
 
 class Objective:
-    """How a round scores its items. Subclasses set ``config`` and ``trajectories`` and
-    implement :meth:`items` and :meth:`terms`."""
+    """How a round scores its items, built from the round's examples (each with a
+    ``trajectory``) and settings. Subclasses implement :meth:`items` and :meth:`terms`."""
 
-    config: RoundSettings
-    trajectories: list[Trajectory]
     empty_message = "nothing to train on"
+
+    def __init__(self, examples: list, config: RoundSettings) -> None:
+        self.examples, self.config = examples, config
+        self.trajectories: list[Trajectory] = [ex.trajectory for ex in examples]
 
     def items(self) -> list[tuple]:
         """Every item of the round; ``item[0]`` indexes ``trajectories``."""

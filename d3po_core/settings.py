@@ -14,7 +14,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from .errors import SettingsError
 
@@ -275,6 +275,8 @@ Precision = Literal["no", "fp16", "bf16"]
 class RoundSettings(Settings):
     """What every objective's round takes: the loop's settings and the adapter."""
 
+    method: ClassVar[str] = ""  # the registered method a subclass configures
+
     learning_rate: float = setting(
         1e-3, low=0, low_open=True, high=1, aliases=("--lr",), help="AdamW step size of the LoRA."
     )
@@ -306,6 +308,10 @@ class RoundSettings(Settings):
     lora: LoraSettings = setting(
         default_factory=LoraSettings, cli=False, help="The adapter a first round adds."
     )
+
+    def to_dict(self) -> dict:
+        """The settings, tagged with their method, as a round stores them."""
+        return {"method": self.method, **super().to_dict()}
 
 
 class SettingsParser:

@@ -145,9 +145,6 @@ class D3POConfig(RoundSettings):
     )
     replay: bool = setting(False, help="Train on all picks so far, not only the new ones.")
 
-    def to_dict(self) -> dict:
-        return {"method": self.method, **super().to_dict()}
-
 
 @dataclass
 class Example:
@@ -163,10 +160,6 @@ class D3POObjective(Objective):
     """(winner, loser, step) items of the picks, scored by the D3PO loss."""
 
     empty_message = "no picks to train on: label some grids (best and worst) first"
-
-    def __init__(self, examples: list[Example], config: D3POConfig) -> None:
-        self.examples, self.config = examples, config
-        self.trajectories = [ex.trajectory for ex in examples]
 
     def items(self) -> list[tuple[int, int, int, int]]:
         """All (example, winner, loser, step) items of a round, steps drawn per pair."""

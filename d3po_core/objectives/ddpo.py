@@ -33,10 +33,9 @@ from .d3po import Reduction
 
 
 @dataclass
-class DDPOConfig(RoundSettings):
-    """Settings of one DDPO round (the official code's choices where they apply)."""
-
-    method: ClassVar[str] = "ddpo"
+class RewardSettings(RoundSettings):
+    """Settings of a round on rewards (DDPO's, the official code's choices where they apply;
+    P3O takes the same, with ε on the pair's ratio)."""
 
     learning_rate: float = setting(
         3e-3,
@@ -64,8 +63,12 @@ class DDPOConfig(RoundSettings):
         2, low=1, help="Images a prompt needs in the round for its own mean and std."
     )
 
-    def to_dict(self) -> dict:
-        return {"method": self.method, **super().to_dict()}
+
+@dataclass
+class DDPOConfig(RewardSettings):
+    """Settings of one DDPO round."""
+
+    method: ClassVar[str] = "ddpo"
 
 
 @dataclass
@@ -151,23 +154,43 @@ def rewarded_advantages(
     return dict(zip(keys, adv.tolist(), strict=True))
 
 
-def reward_summary(examples: list[RewardExample]) -> dict:
-    rewards = [r for ex in examples for r in ex.rewards]
-    return {
-        "reward_mean": float(np.mean(rewards)),
-        "reward_std": float(np.std(rewards)),
-        "grids": len(examples),
-    }
-
-
-class DDPOObjective(Objective):
-    """(example, image, step) items of rewarded grids, scored by PPO's clipped surrogate."""
+class RewardObjective(Objective):
+    """What DDPO and P3O share: rewarded grids, PPO's clipped surrogate, reward metrics."""
 
     empty_message = "no rewarded grids to train on"
 
-    def __init__(self, examples: list[RewardExample], config: DDPOConfig) -> None:
-        self.examples, self.config = examples, config
-        self.trajectories = [ex.trajectory for ex in examples]
+    def clipped_terms(
+        self, logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per-item PPO terms of log-probs against the sampling policy's, for advantages."""
+        advantages = advantages.to(logp.device)
+        terms = ppo_clip_loss(
+            logp,
+            logp_old.to(logp.device, logp.dtype),
+            advantages,
+            dims=math.prod(self.trajectories[0].latents.shape[2:]),
+            clip_range=self.config.clip_range,
+            reduction=self.config.reduction,
+        )
+        return {
+            "loss": terms.loss,
+            # the policy moved each item the way its advantage asks
+            "accuracy": (terms.log_ratio * advantages > 0).float(),
+            "clipfrac": terms.clipped.float(),
+            "approx_kl": 0.5 * terms.log_ratio**2,
+        }
+
+    def summary(self) -> dict:
+        rewards = [r for ex in self.examples for r in ex.rewards]
+        return {
+            "reward_mean": float(np.mean(rewards)),
+            "reward_std": float(np.std(rewards)),
+            "grids": len(self.examples),
+        }
+
+
+class DDPOObjective(RewardObjective):
+    """(example, image, step) items of rewarded grids, scored by PPO's clipped surrogate."""
 
     def items(self) -> list[tuple[int, int, int]]:
         """All (example, image, step) items; advantages are computed on the way."""
@@ -187,21 +210,4 @@ class DDPOObjective(Objective):
         logp = log_probs_of(pipe, self.trajectories, batch.key, batch.items)
         old = torch.stack([self.trajectories[e].log_probs[i, k] for e, i, k in batch.items])
         adv = torch.tensor([self.advantages[(e, i)] for e, i, _k in batch.items])
-        terms = ppo_clip_loss(
-            logp,
-            old.to(logp.device, logp.dtype),
-            adv.to(logp.device),
-            dims=math.prod(self.trajectories[0].latents.shape[2:]),
-            clip_range=self.config.clip_range,
-            reduction=self.config.reduction,
-        )
-        return {
-            "loss": terms.loss,
-            # the policy moved each item the way its advantage asks
-            "accuracy": (terms.log_ratio * adv.to(logp.device) > 0).float(),
-            "clipfrac": terms.clipped.float(),
-            "approx_kl": 0.5 * terms.log_ratio**2,
-        }
-
-    def summary(self) -> dict:
-        return reward_summary(self.examples)
+        return self.clipped_terms(logp, old, adv)
