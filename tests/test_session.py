@@ -17,7 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from d3po_core.session import Session, SessionError
+from d3po_core.errors import D3POError
+from d3po_core.session import Session, SessionError, reports
+from d3po_core.settings import MAX_PROMPT_CHARS, SampleSettings, spec
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_session_worker.py")
@@ -147,6 +149,16 @@ def test_grid_validation(session: Session) -> None:
         session.grid(99)
 
 
+def test_grid_and_prompt_limits_are_the_settings_limits(session: Session) -> None:
+    grid_size = spec(SampleSettings, "n")
+    with pytest.raises(SessionError, match=r"grid size 17 is out of range \(2 to 16\)"):
+        _add_grid(session, n=int(grid_size.high) + 1)
+    _add_grid(session, prompt="x" * MAX_PROMPT_CHARS, n=int(grid_size.high))
+    with pytest.raises(SessionError, match=f"max {MAX_PROMPT_CHARS}"):
+        _add_grid(session, prompt="x" * (MAX_PROMPT_CHARS + 1))
+    assert session.grids_df()["n"].tolist() == [grid_size.high]
+
+
 def test_picks_round_trip_and_undo(session: Session) -> None:
     gid = _add_grid(session)
     p1 = session.add_pick(gid, best=0, worst=3, labeler="ann")
@@ -197,7 +209,7 @@ def test_pick_validation_messages(session: Session, kwargs: dict, message: str) 
 def test_pick_on_unknown_grid_is_refused(session: Session) -> None:
     with pytest.raises(SessionError, match="no grid with id 42"):
         session.add_pick(42, best=0, worst=1)
-    assert issubclass(SessionError, ValueError)
+    assert issubclass(SessionError, D3POError)
 
 
 def test_rounds_training_picks_and_active_round(session: Session) -> None:
@@ -261,7 +273,7 @@ def test_commit_round_refuses_foreign_folders(session: Session, tmp_path: Path) 
 
 
 def test_comparisons_and_win_rates(session: Session) -> None:
-    assert session.win_rates().empty
+    assert reports.win_rates(session).empty
     _commit_round(session)
     _commit_round(session)
     for winner in ["b", "b", "a", "tie", "b"]:
@@ -282,7 +294,7 @@ def test_comparisons_and_win_rates(session: Session) -> None:
         "created",
     ]
     assert df["round_a"].isna().sum() == 5
-    rates = session.win_rates()
+    rates = reports.win_rates(session)
     assert list(rates.columns) == ["round_a", "round_b", "wins", "losses", "ties", "n", "win_rate"]
     base = rates.iloc[0]
     assert pd.isna(base["round_a"]) and base["round_b"] == 1
@@ -298,7 +310,7 @@ def test_comparisons_and_win_rates(session: Session) -> None:
 
 
 def test_agreement_between_labelers(session: Session) -> None:
-    assert session.agreement_df().empty
+    assert reports.agreement_df(session).empty
     g1, g2, g3 = _add_grid(session), _add_grid(session), _add_grid(session)
     session.add_pick(g1, best=0, worst=1, labeler="ann")
     session.add_pick(g1, best=0, worst=1, labeler="bob")
@@ -307,7 +319,7 @@ def test_agreement_between_labelers(session: Session) -> None:
     session.add_pick(g3, best=1, worst=0, labeler="ann")  # only one labeler: not counted
     session.add_pick(g3, best=3, worst=0, labeler="bob")
     session.undo_last_pick(labeler="bob")
-    df = session.agreement_df()
+    df = reports.agreement_df(session)
     assert list(df.columns) == ["labeler_a", "labeler_b", "n_grids", "agreement", "best_agreement"]
     row = df.iloc[0]
     assert (row["labeler_a"], row["labeler_b"], row["n_grids"]) == ("ann", "bob", 2)

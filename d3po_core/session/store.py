@@ -13,7 +13,9 @@ Durability (DESIGN §7): a file is written under a ``*.tmp`` name, fsynced and r
 inside the same write transaction that inserts the row pointing at it, so a kill at any moment
 loses nothing a call has returned for. The next open that finds no other live session removes
 the leftovers: temp files, ``adapters/.tmp-*`` folders, and grid files or round folders that no
-committed row references. Paths are stored relative to the root and checked on every use.
+committed row references (the plumbing is in ``files.py``, the tables in ``schema.py``).
+Paths are stored relative to the root and checked on every use.
+Rows are read by column name (``sqlite3.Row``); the tables come out as pandas DataFrames.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import json
 import operator
 import os
-import re
 import shutil
 import sqlite3
 import threading
@@ -38,102 +39,26 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from d3po_core.errors import SessionError
+from d3po_core.settings import MAX_PROMPT_CHARS, SampleSettings, spec
+
+from .files import fsync_dir, fsync_file, fsync_tree, remove_leftovers, replace_atomically
+from .schema import SCHEMA_VERSION, TABLES
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; recovery then assumes this is the only live session.
     fcntl = None
 
-SCHEMA_VERSION = 1
-MIN_GRID, MAX_GRID = 2, 16
-MAX_PROMPT_CHARS = 2000
+GRID_SIZE = spec(SampleSettings, "n")
+"""The grid-size bounds, as the settings declare them for every front end."""
 PICK_KINDS = ("pick", "tie", "skip")
 WINNERS = ("a", "b", "tie")
 BUSY_TIMEOUT_S = 30.0
 
-_SCHEMA = (
-    """CREATE TABLE prompts (
-        id INTEGER PRIMARY KEY,
-        text TEXT NOT NULL UNIQUE,
-        created TEXT NOT NULL)""",
-    """CREATE TABLE rounds (
-        id INTEGER PRIMARY KEY,
-        path TEXT NOT NULL UNIQUE,
-        settings_json TEXT NOT NULL,
-        metrics_json TEXT NOT NULL,
-        last_pick_id INTEGER NOT NULL,
-        created TEXT NOT NULL)""",
-    """CREATE TABLE grids (
-        id INTEGER PRIMARY KEY,
-        prompt TEXT NOT NULL,
-        negative_prompt TEXT NOT NULL DEFAULT '',
-        seed INTEGER NOT NULL,
-        n INTEGER NOT NULL,
-        model TEXT NOT NULL,
-        adapter_round INTEGER REFERENCES rounds(id),
-        settings_json TEXT NOT NULL,
-        trajectory_path TEXT NOT NULL,
-        created TEXT NOT NULL)""",
-    """CREATE TABLE images (
-        id INTEGER PRIMARY KEY,
-        grid_id INTEGER NOT NULL REFERENCES grids(id),
-        idx INTEGER NOT NULL,
-        seed INTEGER NOT NULL,
-        path TEXT NOT NULL,
-        UNIQUE (grid_id, idx))""",
-    """CREATE TABLE picks (
-        id INTEGER PRIMARY KEY,
-        grid_id INTEGER NOT NULL REFERENCES grids(id),
-        best_idx INTEGER,
-        worst_idx INTEGER,
-        kind TEXT NOT NULL CHECK (kind IN ('pick', 'tie', 'skip')),
-        labeler TEXT NOT NULL DEFAULT '',
-        created TEXT NOT NULL,
-        undone INTEGER NOT NULL DEFAULT 0 CHECK (undone IN (0, 1)))""",
-    "CREATE INDEX picks_grid ON picks(grid_id)",
-    """CREATE TABLE comparisons (
-        id INTEGER PRIMARY KEY,
-        prompt TEXT NOT NULL,
-        seed INTEGER NOT NULL,
-        round_a INTEGER REFERENCES rounds(id),
-        round_b INTEGER NOT NULL REFERENCES rounds(id),
-        winner TEXT NOT NULL CHECK (winner IN ('a', 'b', 'tie')),
-        labeler TEXT NOT NULL DEFAULT '',
-        created TEXT NOT NULL,
-        shown_left TEXT NOT NULL CHECK (shown_left IN ('a', 'b')))""",
-    "CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT)",
-)
-
-_GRID_FILE = re.compile(r"grid-(\d+)(-\d+)?\.(png|safetensors)")
-_ROUND_DIR = re.compile(r"round-\d+")
-
-
-class SessionError(ValueError):
-    """Bad input or a bad session folder; the message is one line a UI can show as is."""
-
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (POSIX only: Windows cannot open a folder)."""
-    if os.name == "posix":
-        _fsync_file(path)
-
-
-def _fsync_tree(path: Path) -> None:
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            _fsync_file(Path(dirpath, name))
-        _fsync_dir(Path(dirpath))
 
 
 def _dumps(value: Any, what: str) -> str:
@@ -194,6 +119,7 @@ class Session:
                 isolation_level=None,
                 check_same_thread=False,
             )
+            self._conn.row_factory = sqlite3.Row
             self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = FULL")
@@ -267,9 +193,13 @@ class Session:
                     self._conn.execute("ROLLBACK")
                 raise
 
-    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+    def _query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
+
+    def _one(self, sql: str, params: tuple = ()) -> sqlite3.Row | None:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchone()
 
     def _frame(self, sql: str, params: tuple = ()) -> pd.DataFrame:
         with self._lock:
@@ -277,14 +207,14 @@ class Session:
 
     def _init_schema(self) -> None:
         with self._write():
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            version = self._conn.execute("PRAGMA user_version").fetchone()["user_version"]
             if version > SCHEMA_VERSION:
                 raise SessionError(
                     f"session {self.root} has schema {version}, newer than this version "
                     f"({SCHEMA_VERSION}); upgrade d3po-studio"
                 )
             if version == 0:
-                for statement in _SCHEMA:
+                for statement in TABLES:
                     self._conn.execute(statement)
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             if not (self.root / "config.json").exists():
@@ -299,22 +229,11 @@ class Session:
 
     def _recover(self) -> None:
         """Remove what a crash can leave: temp files and folders, unreferenced grids and rounds."""
-        referenced = {r[0] for r in self._query("SELECT path FROM images")}
-        referenced |= {r[0] for r in self._query("SELECT trajectory_path FROM grids")}
-        rounds = {r[0] for r in self._query("SELECT path FROM rounds")}
-        for sub in ("", "images", "trajectories", "adapters"):
-            folder = self.root / sub
-            for entry in folder.iterdir():
-                rel = entry.relative_to(self.root).as_posix()
-                if entry.is_file() and entry.name.endswith(".tmp"):
-                    entry.unlink()
-                elif sub in ("images", "trajectories") and _GRID_FILE.fullmatch(entry.name):
-                    if rel not in referenced:
-                        entry.unlink()
-                elif sub == "adapters" and entry.is_dir() and not entry.is_symlink():
-                    temp = entry.name.startswith(".tmp-")
-                    if temp or (_ROUND_DIR.fullmatch(entry.name) and rel not in rounds):
-                        shutil.rmtree(entry)
+        referenced = {r["path"] for r in self._query("SELECT path FROM images")}
+        grids = self._query("SELECT trajectory_path FROM grids")
+        referenced |= {r["trajectory_path"] for r in grids}
+        rounds = {r["path"] for r in self._query("SELECT path FROM rounds")}
+        remove_leftovers(self.root, referenced, rounds)
 
     # -- config ---------------------------------------------------------------------------------
 
@@ -340,18 +259,7 @@ class Session:
         return config
 
     def _write_config(self, config: dict[str, Any]) -> None:
-        data = _dumps(config, "config").encode()
-        path = self.root / "config.json"
-        tmp = path.with_name(f".config-{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        replace_atomically(self.root / "config.json", _dumps(config, "config").encode())
 
     # -- prompts --------------------------------------------------------------------------------
 
@@ -374,7 +282,7 @@ class Session:
     def next_prompt(self, after: str | None = None) -> str | None:
         """The prompt after ``after`` in list order, wrapping around; the first if ``after`` is
         None or not in the list; None if the list is empty."""
-        texts = [r[0] for r in self._query("SELECT text FROM prompts ORDER BY id")]
+        texts = [r["text"] for r in self._query("SELECT text FROM prompts ORDER BY id")]
         if not texts:
             return None
         if after is not None and after.strip() in texts:
@@ -406,8 +314,9 @@ class Session:
             raise SessionError("prompt is empty")
         seeds = [_seed(s) for s in seeds]
         n = len(images)
-        if not MIN_GRID <= n <= MAX_GRID:
-            raise SessionError(f"grid size {n} is out of range ({MIN_GRID} to {MAX_GRID})")
+        low, high = GRID_SIZE.low, GRID_SIZE.high
+        if not low <= n <= high:
+            raise SessionError(f"grid size {n} is out of range ({low:g} to {high:g})")
         if len(seeds) != n:
             raise SessionError(f"got {len(seeds)} seeds for {n} images")
         if adapter_round is not None:
@@ -425,13 +334,13 @@ class Session:
         try:
             for image, tmp in zip(images, tmp_images, strict=True):
                 image.save(tmp, format="PNG")
-                _fsync_file(tmp)
+                fsync_file(tmp)
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                 tmp_traj,
                 metadata=metadata,
             )
-            _fsync_file(tmp_traj)
+            fsync_file(tmp_traj)
             with self._write() as undo:
                 if adapter_round is not None:
                     self._require_round(adapter_round)
@@ -442,8 +351,8 @@ class Session:
                 for tmp, rel in finals:
                     os.replace(tmp, self.root / rel)
                     undo.append(partial((self.root / rel).unlink, missing_ok=True))
-                _fsync_dir(self.root / "images")
-                _fsync_dir(self.root / "trajectories")
+                fsync_dir(self.root / "images")
+                fsync_dir(self.root / "trajectories")
                 self._conn.execute(
                     "INSERT INTO grids (id, prompt, negative_prompt, seed, n, model, adapter_round,"
                     " settings_json, trajectory_path, created) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -484,19 +393,18 @@ class Session:
             ).fetchall()
         if row is None:
             raise SessionError(f"no grid with id {grid_id}")
-        prompt, negative, n, model, adapter_round, settings, traj, created = row
         return {
             "id": grid_id,
-            "prompt": prompt,
-            "negative_prompt": negative,
-            "seeds": [s for s, _ in images],
-            "n": n,
-            "model": model,
-            "adapter_round": adapter_round,
-            "settings": json.loads(settings),
-            "image_paths": [self._resolve(p) for _, p in images],
-            "trajectory_path": self._resolve(traj),
-            "created": created,
+            "prompt": row["prompt"],
+            "negative_prompt": row["negative_prompt"],
+            "seeds": [image["seed"] for image in images],
+            "n": row["n"],
+            "model": row["model"],
+            "adapter_round": row["adapter_round"],
+            "settings": json.loads(row["settings_json"]),
+            "image_paths": [self._resolve(image["path"]) for image in images],
+            "trajectory_path": self._resolve(row["trajectory_path"]),
+            "created": row["created"],
         }
 
     def load_images(self, grid_id: int) -> list[Image.Image]:
@@ -550,10 +458,11 @@ class Session:
             row = self._conn.execute("SELECT n FROM grids WHERE id = ?", (grid_id,)).fetchone()
             if row is None:
                 raise SessionError(f"no grid with id {grid_id}")
+            n = row["n"]
             for name, idx in (("best", best), ("worst", worst)):
-                if idx is not None and not 0 <= idx < row[0]:
+                if idx is not None and not 0 <= idx < n:
                     raise SessionError(
-                        f"{name} index {idx} is out of range for a grid of {row[0]} images"
+                        f"{name} index {idx} is out of range for a grid of {n} images"
                     )
             cur = self._conn.execute(
                 "INSERT INTO picks (grid_id, best_idx, worst_idx, kind, labeler, created)"
@@ -566,12 +475,12 @@ class Session:
         """Mark the newest live pick (of ``labeler``, if given) undone; return its id or None."""
         where, params = ("AND labeler = ?", (labeler,)) if labeler is not None else ("", ())
         with self._write():
-            row = self._conn.execute(
-                f"SELECT MAX(id) FROM picks WHERE undone = 0 {where}", params
-            ).fetchone()
-            if row[0] is not None:
-                self._conn.execute("UPDATE picks SET undone = 1 WHERE id = ?", (row[0],))
-            return row[0]
+            pick_id = self._conn.execute(
+                f"SELECT MAX(id) AS id FROM picks WHERE undone = 0 {where}", params
+            ).fetchone()["id"]
+            if pick_id is not None:
+                self._conn.execute("UPDATE picks SET undone = 1 WHERE id = ?", (pick_id,))
+            return pick_id
 
     def picks_df(self, include_undone: bool = False) -> pd.DataFrame:
         """Picks joined with their prompt: id, grid_id, prompt, best, worst (<NA> for
@@ -597,34 +506,13 @@ class Session:
                 row = self._conn.execute(
                     "SELECT last_pick_id FROM rounds ORDER BY id DESC LIMIT 1"
                 ).fetchone()
-                after = row[0] if row else 0
+                after = row["last_pick_id"] if row else 0
             rows = self._conn.execute(
-                "SELECT id, grid_id, best_idx, worst_idx, labeler FROM picks"
-                " WHERE kind = 'pick' AND undone = 0 AND id > ? ORDER BY id",
+                "SELECT id AS pick_id, grid_id, best_idx AS best, worst_idx AS worst, labeler"
+                " FROM picks WHERE kind = 'pick' AND undone = 0 AND id > ? ORDER BY id",
                 (after,),
             ).fetchall()
-        keys = ("pick_id", "grid_id", "best", "worst", "labeler")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
-
-    def agreement_df(self) -> pd.DataFrame:
-        """Agreement per labeler pair over grids both labeled with a best/worst pick.
-
-        Each labeler's latest live label of a grid counts (a later tie/skip replaces a pick).
-        Columns: labeler_a, labeler_b, n_grids, agreement (same best and same worst),
-        best_agreement (same best). Empty if no grid has picks from two labelers.
-        """
-        return self._frame(
-            """WITH latest AS (
-                SELECT grid_id, labeler, best_idx, worst_idx FROM picks p
-                WHERE kind = 'pick' AND id = (
-                    SELECT MAX(id) FROM picks q WHERE q.grid_id = p.grid_id
-                    AND q.labeler = p.labeler AND q.undone = 0))
-            SELECT a.labeler AS labeler_a, b.labeler AS labeler_b, COUNT(*) AS n_grids,
-                AVG(a.best_idx = b.best_idx AND a.worst_idx = b.worst_idx) AS agreement,
-                AVG(a.best_idx = b.best_idx) AS best_agreement
-            FROM latest a JOIN latest b ON a.grid_id = b.grid_id AND a.labeler < b.labeler
-            GROUP BY a.labeler, b.labeler ORDER BY a.labeler, b.labeler"""
-        )
+        return [dict(r) for r in rows]
 
     # -- rounds ---------------------------------------------------------------------------------
 
@@ -651,7 +539,7 @@ class Session:
         last_pick_id = _index(last_pick_id, "last_pick_id")
         settings_json = _dumps(settings, "round settings")
         metrics_json = _dumps(metrics, "round metrics")
-        _fsync_tree(tmp_dir)
+        fsync_tree(tmp_dir)
         with self._write() as undo:
             round_id = self._next_id("rounds")
             rel = f"adapters/round-{round_id:04d}"
@@ -660,7 +548,7 @@ class Session:
                 shutil.rmtree(target)
             os.rename(tmp_dir, target)
             undo.append(lambda: os.rename(target, tmp_dir))
-            _fsync_dir(self.root / "adapters")
+            fsync_dir(self.root / "adapters")
             self._conn.execute(
                 "INSERT INTO rounds (id, path, settings_json, metrics_json, last_pick_id, created)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -672,20 +560,20 @@ class Session:
     def round_path(self, round_id: int) -> Path:
         """The adapter folder of a committed round."""
         round_id = _index(round_id, "round id")
-        row = self._query("SELECT path FROM rounds WHERE id = ?", (round_id,))
-        if not row:
+        row = self._one("SELECT path FROM rounds WHERE id = ?", (round_id,))
+        if row is None:
             raise SessionError(f"no round with id {round_id}")
-        return self._resolve(row[0][0])
+        return self._resolve(row["path"])
 
     def last_round(self) -> int | None:
         """The newest round's id, or None before the first round."""
-        return self._query("SELECT MAX(id) FROM rounds")[0][0]
+        return self._one("SELECT MAX(id) AS id FROM rounds")["id"]
 
     @property
     def active_round(self) -> int | None:
         """The round new grids are sampled from; None means the base model."""
-        row = self._query("SELECT value FROM state WHERE key = 'active_round'")
-        return int(row[0][0]) if row and row[0][0] is not None else None
+        row = self._one("SELECT value FROM state WHERE key = 'active_round'")
+        return int(row["value"]) if row is not None and row["value"] is not None else None
 
     def set_active_round(self, round_id: int | None) -> None:
         """Activate a committed round, or the base model with None (a rollback)."""
@@ -714,7 +602,8 @@ class Session:
     def _next_id(self, table: str) -> int:
         """The id the next row of ``table`` gets; call inside a write transaction (rows of
         grids and rounds are never deleted, so ids only grow)."""
-        return self._conn.execute(f"SELECT COALESCE(MAX(id), 0) + 1 FROM {table}").fetchone()[0]
+        sql = f"SELECT COALESCE(MAX(id), 0) + 1 AS next_id FROM {table}"
+        return self._conn.execute(sql).fetchone()["next_id"]
 
     def _require_round(self, round_id: int) -> None:
         row = self._conn.execute("SELECT 1 FROM rounds WHERE id = ?", (round_id,)).fetchone()
@@ -773,16 +662,3 @@ class Session:
         )
         df["round_a"] = df["round_a"].astype("Int64")
         return _created(df)
-
-    def win_rates(self) -> pd.DataFrame:
-        """Votes per (round_a, round_b) pair: wins (b won), losses, ties, n, and win_rate =
-        wins / (wins + losses), NaN when every vote was a tie. round_a <NA> = base."""
-        df = self._frame(
-            "SELECT round_a, round_b, SUM(winner = 'b') AS wins, SUM(winner = 'a') AS losses,"
-            " SUM(winner = 'tie') AS ties, COUNT(*) AS n FROM comparisons"
-            " GROUP BY round_a, round_b ORDER BY round_b, round_a"
-        )
-        df["round_a"] = df["round_a"].astype("Int64")
-        decided = (df["wins"] + df["losses"]).astype(float)
-        df["win_rate"] = df["wins"].astype(float) / decided
-        return df
