@@ -261,9 +261,11 @@ def sample_grid(
     adapter_round: int | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> Grid:
-    """Sample a grid of ``settings.n`` images for one prompt in one batch, recording trajectories.
+    """Sample images for one prompt in one batch, recording their trajectories.
 
-    Seeds: image i uses ``seeds[i]`` (default ``seed + i``; a random seed when none given).
+    Seeds: image i uses ``seeds[i]``; given seeds set how many images (any number: an
+    evaluation batch, one image of a blind pair). Without them a grid of ``settings.n``
+    images uses ``seed + i`` (a random seed when none given).
     """
     settings = settings or SampleSettings()
     start = time.perf_counter()
@@ -271,8 +273,8 @@ def sample_grid(
         seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
         seeds = [seed + i for i in range(settings.n)]
     seeds = [int(s) for s in seeds]
-    if len(seeds) != settings.n:
-        raise SettingsError(f"{len(seeds)} seeds given for a grid of {settings.n}")
+    if not seeds:
+        raise SettingsError("no seeds given: nothing to sample")
     unet, scheduler = pipe.unet, pipe.scheduler
     device = unet.device
     height = settings.height or unet.config.sample_size * pipe.vae_scale_factor
@@ -287,7 +289,7 @@ def sample_grid(
     timesteps = scheduler.timesteps.clone()
     noise, generators = initial_noise(seeds, shape, settings.shared_noise)
     x = (noise * scheduler.init_noise_sigma).to(device)
-    n = settings.n
+    n = len(seeds)
     cond_b = cond.expand(n, -1, -1)
     uncond_b = uncond.expand(n, -1, -1) if uncond is not None else None
     latents, log_probs = [x.float().cpu()], []

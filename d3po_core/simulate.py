@@ -34,7 +34,7 @@ class EvalSet:
 def evaluate(pipe, scorer: Scorer, eval_set: EvalSet, settings: SampleSettings) -> list[float]:
     """The scorer on every (prompt, seed) of the set, with the pipeline as it stands."""
     scores: list[float] = []
-    one_by_one = replace(settings, n=len(eval_set.seeds), shared_noise=False)
+    one_by_one = replace(settings, shared_noise=False)
     for prompt in eval_set.prompts:
         grid = sample_grid(pipe, prompt, one_by_one, seeds=eval_set.seeds)
         scores += score_images(scorer, grid.images, prompt)

@@ -26,7 +26,7 @@ from d3po_core.objectives.d3po import D3POConfig
 from d3po_core.rounds import ProgressEvent
 from d3po_core.sampling import SampleSettings, sample_grid
 from d3po_core.session import Session, reports
-from d3po_core.settings import check_prompt, spec
+from d3po_core.settings import check_prompt
 
 
 class StudioError(D3POError):
@@ -241,16 +241,12 @@ class StudioController:
     ) -> tuple[list[Image.Image], list[Image.Image]]:
         """Base and round images for one prompt on the same seeds (independent noise)."""
         prompt = check_prompt(prompt or "")
-        # a grid has at least the declared smallest size: pad with seeds whose images are dropped
-        smallest = int(spec(SampleSettings, "n").low)
-        start = max(seeds, default=-1) + 1
-        padded = [*seeds, *range(start, start + smallest - len(seeds))]
-        settings = replace(self.sample_settings, n=len(padded), shared_noise=False)
+        settings = replace(self.sample_settings, shared_noise=False)
         with self._job(), self._round_adapter(round_id):
-            tuned = sample_grid(self.pipe, prompt, settings, seeds=padded).images
+            tuned = sample_grid(self.pipe, prompt, settings, seeds=seeds).images
             with base_model(self.pipe.unet):
-                base = sample_grid(self.pipe, prompt, settings, seeds=padded).images
-        return base[: len(seeds)], tuned[: len(seeds)]
+                base = sample_grid(self.pipe, prompt, settings, seeds=seeds).images
+        return base, tuned
 
     def blind_pair(self, round_id: int, prompt: str, seed: int | None = None) -> BlindPair:
         """One base/round image pair on the same seed, shown in random order."""

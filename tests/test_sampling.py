@@ -101,3 +101,15 @@ def test_trajectory_round_trips_through_tensors(pipe):
     back = Trajectory.from_tensors(traj.to_tensors(), traj.metadata())
     assert back.seeds == traj.seeds and back.settings == traj.settings
     assert torch.equal(back.log_probs, traj.log_probs)
+
+
+def test_given_seeds_set_the_image_count_beyond_a_labeling_grid(pipe):
+    # an evaluation batch (more images than a grid may hold) and one image of a blind pair
+    many = sample_grid(pipe, "a red circle", FAST, seeds=list(range(20)))
+    assert len(many.images) == 20 and many.trajectory.n == 20
+    one = sample_grid(pipe, "a red circle", FAST, seeds=[7])
+    assert len(one.images) == 1
+    # image i depends on its seed only (up to the batch size's float rounding)
+    torch.testing.assert_close(
+        one.trajectory.latents[0], many.trajectory.latents[7], rtol=1e-4, atol=1e-4
+    )
