@@ -88,7 +88,7 @@ def test_grid_records_seeds_noise_and_settings(pipe):
     )
     # an image is reproducible alone from its recorded seed (independent noise), up to the
     # float32 differences of a batch of 1 vs 4 through the UNet
-    alone = sample_grid(pipe, "a circle", replace(FAST, n=1, shared_noise=False), seeds=[102])
+    alone = sample_grid(pipe, "a circle", FAST, seeds=[102])
     torch.testing.assert_close(
         alone.trajectory.latents[0, -1], independent.trajectory.latents[2, -1], atol=1e-4, rtol=0
     )
@@ -104,12 +104,7 @@ def test_trajectory_round_trips_through_tensors(pipe):
 
 
 def test_given_seeds_set_the_image_count_beyond_a_labeling_grid(pipe):
-    # an evaluation batch (more images than a grid may hold) and one image of a blind pair
+    # an evaluation batch may hold more images than a labeling grid (2 to 16)
     many = sample_grid(pipe, "a red circle", FAST, seeds=list(range(20)))
     assert len(many.images) == 20 and many.trajectory.n == 20
-    one = sample_grid(pipe, "a red circle", FAST, seeds=[7])
-    assert len(one.images) == 1
-    # image i depends on its seed only (up to the batch size's float rounding)
-    torch.testing.assert_close(
-        one.trajectory.latents[0], many.trajectory.latents[7], rtol=1e-4, atol=1e-4
-    )
+    assert many.trajectory.seeds == list(range(20))
