@@ -15,24 +15,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import D3POError, RoundCancelled, SettingsError, report_unexpected
-from .settings import LoraSettings, SampleSettings, Settings, SettingsParser, setting
-
-DEFAULT_SESSION = str(Path("sessions") / "default")
-
-
-@dataclass
-class SessionArgs(Settings):
-    """Session"""
-
-    session: str = setting(DEFAULT_SESSION, help="Session folder (created if new).")
-
-
-@dataclass
-class ModelArgs(Settings):
-    """Model"""
-
-    model: str | None = setting(None, help="Diffusers folder or hub id (default: embedded model).")
-    device: str | None = setting(None, help="cuda, cpu, … (default: automatic).")
+from .settings import (
+    LoraSettings,
+    ModelArgs,
+    SampleSettings,
+    SessionArgs,
+    Settings,
+    SettingsParser,
+    setting,
+)
 
 
 @dataclass
@@ -41,7 +32,7 @@ class GenerateArgs(Settings):
 
     prompt: str = setting(help="The prompt of the grids.")
     grids: int = setting(1, low=1, high=10_000, help="How many grids.")
-    seed: int | None = setting(None, low=0, help="First seed (default: random).")
+    seed: int | None = setting(None, low=0, help="First seed; none: random.")
 
 
 @dataclass
@@ -66,7 +57,9 @@ class SimulateArgs(Settings):
     )
     rounds: int = setting(3, low=1, high=1000, help="Rounds to run.")
     grids: int = setting(8, low=1, high=10_000, help="Grids a round.")
-    eval_prompts: str | None = setting(None, help="File or text (default: the first 4 prompts).")
+    eval_prompts: str | None = setting(
+        None, help="A prompts file or text; none: the first 4 prompts."
+    )
     eval_seeds: int = setting(8, low=1, high=10_000, help="Fixed seeds of the evaluation set.")
     grid_seed: int = setting(0, low=0, help="Seed of the first training grid.")
     json: str | None = setting(None, help="Also write the table as JSON here.")
@@ -76,7 +69,7 @@ class SimulateArgs(Settings):
 class ExportArgs(Settings):
     """Export"""
 
-    round: int | None = setting(None, low=1, help="Round id (default: the active one).")
+    round: int | None = setting(None, low=1, help="Round id; none: the active one.")
     lora: str | None = setting(None, help="Folder for the diffusers/peft LoRA.")
     kohya: str | None = setting(None, help="File for the A1111/ComfyUI LoRA.")
     picks: str | None = setting(None, help="Picks as .parquet or .jsonl.")

@@ -14,6 +14,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from .errors import SettingsError
@@ -256,10 +257,10 @@ class SampleSettings(Settings):
     )
     negative_prompt: str = setting("", help="What the images should not show.")
     height: int | None = setting(
-        None, low=8, high=4096, help="Image height in pixels (default: the model's size)."
+        None, low=8, high=4096, help="Image height in pixels; none: the model's size."
     )
     width: int | None = setting(
-        None, low=8, high=4096, help="Image width in pixels (default: the model's size)."
+        None, low=8, high=4096, help="Image width in pixels; none: the model's size."
     )
 
     def validate(self) -> None:
@@ -297,7 +298,7 @@ class RoundSettings(Settings):
         help="Share of the denoising steps trained per item, drawn at random.",
     )
     mixed_precision: Precision | None = setting(
-        None, help="accelerate's precision: no, fp16 or bf16 (default: the UNet's dtype)."
+        None, help="accelerate's precision: no, fp16 or bf16; none: the UNet's dtype."
     )
     gradient_checkpointing: bool = setting(
         False, help="Trade compute for memory (SD 1.5 at 512 px on 8 GB GPUs)."
@@ -312,6 +313,23 @@ class RoundSettings(Settings):
     def to_dict(self) -> dict:
         """The settings, tagged with their method, as a round stores them."""
         return {"method": self.method, **super().to_dict()}
+
+
+@dataclass
+class SessionArgs(Settings):
+    """Session (every command line: the engine's and the studio's)"""
+
+    session: str = setting(
+        str(Path("sessions") / "default"), help="Session folder (created if new)."
+    )
+
+
+@dataclass
+class ModelArgs(Settings):
+    """Model (every command line that loads one)"""
+
+    model: str | None = setting(None, help="Diffusers folder or hub id; none: the embedded model.")
+    device: str | None = setting(None, help="cuda, cpu, …; none: automatic.")
 
 
 class SettingsParser:

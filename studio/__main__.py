@@ -6,11 +6,10 @@ import argparse
 import ipaddress
 import sys
 import time
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 from d3po_core.errors import D3POError
-
-DEFAULT_SESSION = Path("sessions") / "default"
+from d3po_core.settings import ModelArgs, SessionArgs, Settings, SettingsParser, setting
 
 
 def _is_loopback(host: str) -> bool:
@@ -22,25 +21,28 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+@dataclass
+class ServerArgs(Settings):
+    """Server"""
+
+    host: str = setting("127.0.0.1", help="Address to bind; the default serves this machine only.")
+    port: int = setting(7860, low=1, high=65535, help="Port of the page.")
+    auth: str | None = setting(None, help="USER:PASS, required for a non-loopback --host.")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m studio", description=__doc__)
-    parser.add_argument(
-        "--model", default=None, help="diffusers folder or hub id (default: embedded)"
-    )
-    parser.add_argument("--session", type=Path, default=DEFAULT_SESSION, help="session folder")
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: loopback only)"
-    )
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument(
-        "--auth", default=None, help="USER:PASS, required for a non-loopback --host"
-    )
-    parser.add_argument("--device", default=None, help="cuda, cpu, … (default: auto)")
-    args = parser.parse_args(argv)
+    """The studio's options: the session and model (as every command line) and the server."""
+    cli = SettingsParser((SessionArgs, ModelArgs, ServerArgs), prog="python -m studio")
+    cli.parser.description = __doc__
+    try:
+        parsed = cli.parse(sys.argv[1:] if argv is None else argv)
+    except D3POError as exc:
+        cli.parser.error(str(exc))
+    args = argparse.Namespace(**{k: v for part in parsed for k, v in asdict(part).items()})
     if args.auth is not None and ":" not in args.auth:
-        parser.error("--auth must be USER:PASS")
+        cli.parser.error("--auth must be USER:PASS")
     if not _is_loopback(args.host) and args.auth is None:
-        parser.error(
+        cli.parser.error(
             f"refusing to serve on {args.host} without --auth USER:PASS: anyone on the network "
             "could use the studio"
         )
