@@ -142,14 +142,21 @@ def label_tab(ctl: StudioController, shared: Shared) -> None:
     grid_outputs = [grid, shown, pending_best, grid_info, status]
     generate_btn.click(show_grid, grid_inputs, grid_outputs, **GPU)
 
+    # "multiple": a click or a chained next grid is never dropped because an earlier one (say
+    # the no-op chain after a best click, waiting behind a sampling job) is still pending
     def then_next_grid(event) -> None:
-        event.then(next_grid, {advance, *grid_inputs}, [prompt, *grid_outputs], **GPU)
+        inputs, outputs = {advance, *grid_inputs}, [prompt, *grid_outputs]
+        event.then(next_grid, inputs, outputs, trigger_mode="multiple", **GPU)
 
     marked = [pending_best, status, picks_count, advance]
-    then_next_grid(grid.select(select, [shown, pending_best, labeler], marked))
+    picked = grid.select(select, [shown, pending_best, labeler], marked, trigger_mode="multiple")
+    then_next_grid(picked)
     for button, kind in ((tie_btn, "tie"), (skip_btn, "skip")):
         event = button.click(
-            lambda g, n, k=kind: mark(k, g, n), [shown, labeler], [status, picks_count, advance]
+            lambda g, n, k=kind: mark(k, g, n),
+            [shown, labeler],
+            [status, picks_count, advance],
+            trigger_mode="multiple",
         )
         then_next_grid(event)
     undo_btn.click(undo, [labeler], [status, picks_count])
