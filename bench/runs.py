@@ -99,25 +99,52 @@ def run_one(s: dict, out: Path, model: str | None) -> dict:
         "seconds": time.perf_counter() - start,
         "machine": machine(),
     }
-    tmp_path = path.with_suffix(".tmp")
-    tmp_path.write_text(json.dumps(result, indent=2))
-    os.replace(tmp_path, path)
+    save_result(path, result)
     return result
 
 
-def run_specs(specs: list[dict], out: Path, model: str | None, part: str = "1/1") -> None:
-    """Run every spec of this part (``i/k``: every k-th spec from the i-th) not cached yet."""
+Runner = Callable[[dict, Path, "str | None"], dict]
+
+
+def save_result(path: Path, result: dict) -> None:
+    """Write a result atomically (a killed run leaves no half-written cache)."""
+    tmp_path = path.with_suffix(".tmp")
+    tmp_path.write_text(json.dumps(result, indent=2))
+    os.replace(tmp_path, path)
+
+
+def outcome(result: dict) -> str:
+    """One line on a run: the objective's eval mean before -> after, and the last win rate."""
+    last = result["table"][-1]
+    return (
+        f"{result['table'][0]['base_mean']:.4f} -> {last['tuned_mean']:.4f} "
+        f"(win {last['win_rate']:.2f})"
+    )
+
+
+def run_specs(
+    specs: list[dict],
+    out: Path,
+    model: str | None,
+    part: str = "1/1",
+    *,
+    runner: Runner | None = None,
+    describe: Callable[[dict], str] = outcome,
+) -> None:
+    """Run every spec of this part (``i/k``: every k-th spec from the i-th) not cached yet.
+
+    ``runner(spec, out, model)`` runs one spec or reads its cache (default :func:`run_one`).
+    """
+    runner = runner or run_one
     i, k = (int(x) for x in part.split("/"))
     out.mkdir(parents=True, exist_ok=True)
     mine = specs[i - 1 :: k]
     for n, s in enumerate(mine, 1):
         cached = (out / f"{s['id']}.json").exists()
         t0 = time.perf_counter()
-        result = run_one(s, out, model)
-        last = result["table"][-1]
+        result = runner(s, out, model)
         print(
-            f"[{n}/{len(mine)}] {s['id']}: {result['table'][0]['base_mean']:.4f} -> "
-            f"{last['tuned_mean']:.4f} (win {last['win_rate']:.2f})"
+            f"[{n}/{len(mine)}] {s['id']}: {describe(result)}"
             + (" cached" if cached else f" {time.perf_counter() - t0:.0f}s"),
             flush=True,
         )
@@ -136,13 +163,21 @@ def main(
     *,
     seeds: int,
     plot: str,
+    rounds: int = 4,
+    out: str = "learning",
+    runner: Runner | None = None,
+    describe: Callable[[dict], str] = outcome,
 ) -> None:
-    """The command line both learning benchmarks share: run what is missing, then report."""
+    """The command line the learning benchmarks share: run what is missing, then report.
+
+    ``out`` names the cache folder under bench/results; ``runner`` and ``describe`` as in
+    :func:`run_specs`.
+    """
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--seeds", type=int, default=seeds)
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--model", default=None, help="default: the embedded model")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / out)
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / plot)
     p.add_argument("--part", default="1/1", help="i/k: run every k-th spec from the i-th")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -156,7 +191,7 @@ def main(
         all_specs = [s for s in all_specs if s["variant"] in args.only.split(",")]
     if not args.report_only:
         print(f"machine: {machine()}")
-        run_specs(all_specs, args.out, args.model, args.part)
+        run_specs(all_specs, args.out, args.model, args.part, runner=runner, describe=describe)
     results = load_results(all_specs, args.out)
     if results:
         report(results, args.plot)

@@ -1,0 +1,461 @@
+"""Tastes: does a round learn a person's taste? Scripted tastes and a random-picks control.
+
+    python bench/tastes.py [--seeds 3] [--rounds 3] [--part 1/2 --threads 1] [--report-only]
+
+Each taste is a plain scorer ``(image, prompt) -> float`` (higher = preferred) on the embedded
+model's 64x64 images: warmth of the shape's colour, contrast of shape and background,
+placement toward the top-left, roundness of the shape and fine detail. A run labels 8 grids of
+4 a round (20 steps, the model's recommended guidance, the D3PO defaults) with one taste's best
+and worst, or with uniformly random best and worst (the control: "random"), for R rounds.
+Before training and after each round every taste scores a fixed evaluation set (the 4 prompts
+x 16 seeds, each image from its own seed) against the untuned model on the same noise, so a run
+also shows the drift in the tastes its picks did not ask for. Runs are cached as JSON in
+bench/results/tastes (``--part i/k`` splits them over processes; a re-run only reports).
+Writes docs/img/tastes.png and prints the markdown tables of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import runs
+from PIL import Image
+from runs import EVAL, IMAGES_PER_ROUND, PROMPTS, spec
+
+from d3po_core.models import base_model, default_model, load_pipeline
+from d3po_core.objectives import METHODS
+from d3po_core.sampling import SampleSettings, sample_grid
+from d3po_core.scorers import Scorer
+from d3po_core.session import Session
+from d3po_core.simulate import EvalSet, paired_win_rate, simulate
+
+# ---------------------------------------------------------------------------------------------
+# Tastes: numpy/PIL only, robust on 64x64 samples (blurry edges, off-colour backgrounds).
+
+_BORDER = 3  # px of the image's rim taken as background
+_MIN_SHAPE_PX = 8
+
+
+def _rgb(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float64)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    return rgb @ np.array([0.299, 0.587, 0.114])
+
+
+def _background(rgb: np.ndarray) -> np.ndarray:
+    """The background colour: the per-channel median of the image's rim."""
+    b = _BORDER
+    rim = np.concatenate(
+        [rgb[:b].reshape(-1, 3), rgb[-b:].reshape(-1, 3), rgb[:, :b].reshape(-1, 3)]
+        + [rgb[:, -b:].reshape(-1, 3)]
+    )
+    return np.median(rim, axis=0)
+
+
+def shape_mask(rgb: np.ndarray) -> np.ndarray:
+    """Pixels of the shape: far from the background colour (half the largest distance, and at
+    least 30 of 255 in RGB distance). Empty when nothing stands out."""
+    dist = np.linalg.norm(rgb - _background(rgb), axis=-1)
+    top = np.percentile(dist, 99)
+    mask = dist > max(30.0, 0.5 * top)
+    return mask if mask.sum() >= _MIN_SHAPE_PX else np.zeros_like(mask)
+
+
+def warmth(image: Image.Image, prompt: str = "") -> float:
+    """Colour: how warm (red/orange/yellow rather than blue) the shape is, mean (R − B)/255 over
+    its pixels, in [−1, 1]; 0 for grey shapes (white, black) and for no shape."""
+    rgb = _rgb(image)
+    mask = shape_mask(rgb)
+    if not mask.any():
+        return 0.0
+    shape = rgb[mask]
+    return float((shape[:, 0] - shape[:, 2]).mean() / 255.0)
+
+
+def contrast(image: Image.Image, prompt: str = "") -> float:
+    """Brightness/contrast: |mean luma of the shape − luma of the background| / 255, in
+    [0, 1]; 0 for no shape."""
+    rgb = _rgb(image)
+    mask = shape_mask(rgb)
+    if not mask.any():
+        return 0.0
+    bg = float(_luma(_background(rgb)[None])[0])
+    return float(abs(_luma(rgb[mask]).mean() - bg) / 255.0)
+
+
+def top_left(image: Image.Image, prompt: str = "") -> float:
+    """Composition: the shape's centre of mass toward the top-left corner, 1 − its distance
+    from the corner / the image's diagonal (the centre scores 0.5); 0.5 for no shape."""
+    rgb = _rgb(image)
+    mask = shape_mask(rgb)
+    h, w = mask.shape
+    if not mask.any():
+        return 0.5
+    ys, xs = np.nonzero(mask)
+    dist = np.hypot(xs.mean() + 0.5, ys.mean() + 0.5)
+    return float(1.0 - dist / np.hypot(w, h))
+
+
+def roundness(image: Image.Image, prompt: str = "") -> float:
+    """Shape kind: overlap (IoU) of the shape with the disc of the same area at its centre of
+    mass; on the world's clean renders 0.99 for a circle, 0.84 for a square, 0.69 for a
+    triangle and 0.61 for a cross; 0 for no shape."""
+    mask = shape_mask(_rgb(image))
+    if not mask.any():
+        return 0.0
+    ys, xs = np.nonzero(mask)
+    area = len(xs)
+    cy, cx = ys.mean(), xs.mean()
+    gy, gx = np.mgrid[: mask.shape[0], : mask.shape[1]]
+    disc = (gx - cx) ** 2 + (gy - cy) ** 2 <= area / np.pi
+    inter = np.logical_and(mask, disc).sum()
+    return float(inter / np.logical_or(mask, disc).sum())
+
+
+def _erode(mask: np.ndarray, r: int) -> np.ndarray:
+    """``mask`` shrunk by ``r`` px (a square structuring element; the rim counts as outside)."""
+    padded = np.pad(mask, r, constant_values=False)
+    h, w = mask.shape
+    out = np.ones_like(mask)
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            out &= padded[dy : dy + h, dx : dx + w]
+    return out
+
+
+def detail(image: Image.Image, prompt: str = "") -> float:
+    """Texture/detail: mean absolute 4-neighbour Laplacian of the luma, /255, away from the
+    shape's outline (inside the shape and on the background, 3 px or more from the edge), so
+    it measures specks, stripes and texture rather than the outline's contrast."""
+    rgb = _rgb(image)
+    y = _luma(rgb)
+    lap = np.zeros_like(y)
+    lap[1:-1, 1:-1] = 4 * y[1:-1, 1:-1] - y[:-2, 1:-1] - y[2:, 1:-1] - y[1:-1, :-2] - y[1:-1, 2:]
+    mask = shape_mask(rgb)
+    away = _erode(mask, 3) | _erode(~mask, 3)
+    away[[0, -1], :] = away[:, [0, -1]] = False
+    return float(np.abs(lap[away]).mean() / 255.0) if away.any() else 0.0
+
+
+#: taste name -> (scorer, what a person with that taste prefers)
+TASTES: dict[str, tuple[Scorer, str]] = {
+    "warmth": (warmth, "warm shapes: (R − B)/255 of the shape"),
+    "contrast": (contrast, "shape/background contrast: abs Δ luma / 255"),
+    "top_left": (top_left, "shape toward the top-left: 1 − distance/diagonal"),
+    "roundness": (roundness, "round shapes: IoU with the equal-area disc"),
+    "detail": (detail, "texture: mean abs Laplacian / 255 off the outline"),
+}
+CONTROL = "random"
+
+
+def random_labeler(seed: int) -> Scorer:
+    """The control's labeler: each call a uniform random value (seeded, by call order), so a
+    grid's best and worst are uniformly random and distinct."""
+    rng = np.random.default_rng(seed)
+
+    def score(image: Image.Image, prompt: str = "") -> float:
+        return float(rng.random())
+
+    return score
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+EVAL_SET = EvalSet(list(EVAL.prompts), [10_000 + i for i in range(16)])
+#: simulate() measures its labeler itself; the tastes are measured here on EVAL_SET instead,
+#: so its own evaluation is cut to one image (a random labeler has nothing to measure).
+_SIM_EVAL = EvalSet(EVAL.prompts[:1], EVAL.seeds[:1])
+_BASE_CACHE: dict[tuple, dict[str, list[float]]] = {}
+
+
+def specs(seeds: int, rounds: int) -> list[dict]:
+    return [
+        spec("d3po", labeler, "d3po", seed, rounds=rounds)
+        for seed in range(seeds)
+        for labeler in (*TASTES, CONTROL)
+    ]
+
+
+def score_eval_set(pipe, settings: SampleSettings) -> dict[str, list[float]]:
+    """Every taste on every (prompt, seed) of EVAL_SET, with the pipeline as it stands."""
+    one_by_one = replace(settings, shared_noise=False)
+    scores: dict[str, list[float]] = {name: [] for name in TASTES}
+    for prompt in EVAL_SET.prompts:
+        grid = sample_grid(pipe, prompt, one_by_one, seeds=EVAL_SET.seeds)
+        for name, (scorer, _what) in TASTES.items():
+            scores[name] += [float(scorer(image, prompt)) for image in grid.images]
+    return scores
+
+
+def taste_rows(
+    scores: dict[str, list[float]], base: dict[str, list[float]]
+) -> dict[str, dict[str, float]]:
+    return {
+        name: {
+            "base_mean": float(np.mean(base[name])),
+            "tuned_mean": float(np.mean(scores[name])),
+            "win_rate": paired_win_rate(scores[name], base[name]),
+        }
+        for name in TASTES
+    }
+
+
+def run_taste(s: dict, out: Path, model: str | None) -> dict:
+    """Run a spec (or read its cached result): label with its taste (or at random), train,
+    and measure every taste on EVAL_SET before training and after each round."""
+    path = out / f"{s['id']}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    model = model or default_model()
+    pipe = load_pipeline(model, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    base_settings = SampleSettings(
+        guidance=pipe.recommended.get("guidance", SampleSettings().guidance)
+    )
+    settings = replace(base_settings, **s["settings"])
+    grids = IMAGES_PER_ROUND // settings.n
+    config = METHODS[s["method"]].config(**{**s["config"], "seed": s["seed"]})
+    labeler = random_labeler(s["seed"]) if s["objective"] == CONTROL else TASTES[s["objective"]][0]
+    start = time.perf_counter()
+    key = (model, tuple(sorted(asdict(settings).items())))
+    if key not in _BASE_CACHE:  # the untuned model's eval set is the same in every run
+        with base_model(pipe.unet):
+            _BASE_CACHE[key] = score_eval_set(pipe, settings)
+    base = _BASE_CACHE[key]
+    table: list[dict] = []
+    samples: list[dict[str, list[float]]] = []
+
+    def on_round(row: dict) -> None:
+        t0 = time.perf_counter()
+        scores = base if row["images_sampled"] == 0 else score_eval_set(pipe, settings)
+        samples.append({k: [round(v, 6) for v in vs] for k, vs in scores.items()})
+        table.append(
+            {
+                **{k: row[k] for k in ("round", "images_sampled", "loss", "accuracy")},
+                "seconds": row["seconds"] + time.perf_counter() - t0,
+                "tastes": taste_rows(scores, base),
+            }
+        )
+
+    with tempfile.TemporaryDirectory() as tmp, Session.open(Path(tmp) / "s") as session:
+        simulate(
+            pipe,
+            session,
+            labeler,
+            PROMPTS,
+            rounds=s["rounds"],
+            grids=grids,
+            settings=settings,
+            config=config,
+            eval_set=_SIM_EVAL,
+            seed=1_000_000 * (s["seed"] + 1),
+            on_round=on_round,
+        )
+    result = {
+        **s,
+        "sample_settings": asdict(settings),
+        "full_config": config.to_dict(),
+        "grids_per_round": grids,
+        "eval_set": asdict(EVAL_SET),
+        "table": table,
+        "eval_scores": samples,
+        "seconds": time.perf_counter() - start,
+        "machine": runs.machine(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    runs.save_result(path, result)
+    return result
+
+
+def describe(result: dict) -> str:
+    last = result["table"][-1]["tastes"]
+    return " ".join(f"{name} {row['win_rate']:.2f}" for name, row in last.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def frame(results: list[dict]) -> pd.DataFrame:
+    """One row per (run, round, taste measured)."""
+    rows = []
+    for r in results:
+        for row in r["table"]:
+            for taste, m in row["tastes"].items():
+                rows.append(
+                    {
+                        "labeler": r["objective"],
+                        "seed": r["seed"],
+                        "round": row["round"],
+                        "images": row["images_sampled"],
+                        "taste": taste,
+                        "score": m["tuned_mean"],
+                        "base": m["base_mean"],
+                        "win_rate": m["win_rate"],
+                        "seconds": row["seconds"],
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def _own(df: pd.DataFrame) -> pd.DataFrame:
+    """Each taste measured on the runs that learn it ("taste") and on the control's ("random")."""
+    own = df[df["labeler"] == df["taste"]].assign(picks="taste")
+    control = df[df["labeler"] == CONTROL].assign(picks=CONTROL)
+    return pd.concat([own, control])
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per taste, picks (its own or random) and round: score and win rate over seeds."""
+    part = _own(df)
+    part = part[part["images"] > 0]
+    table = (
+        part.groupby(["taste", "picks", "round"], sort=False)
+        .agg(
+            seeds=("seed", "nunique"),
+            base=("base", "mean"),
+            score=("score", "mean"),
+            score_sd=("score", "std"),
+            score_min=("score", "min"),
+            win=("win_rate", "mean"),
+            win_sd=("win_rate", "std"),
+            win_min=("win_rate", "min"),
+        )
+        .reset_index()
+    )
+    order = {t: i for i, t in enumerate(TASTES)}
+    picks_order = {"taste": 0, CONTROL: 1}
+    keys = {"taste": order, "picks": picks_order}
+    return table.sort_values(
+        ["taste", "picks", "round"], key=lambda c: c.map(keys[c.name]) if c.name in keys else c
+    )
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A row per taste and picks: the eval-set mean and the win rate vs base per round."""
+    rounds = sorted(table["round"].unique())
+    lines = [
+        "| taste (higher is preferred) | picks | seeds | base mean | "
+        + " | ".join(f"mean after round {r} ± sd (min)" for r in rounds)
+        + " | "
+        + " | ".join(f"win rate round {r} ± sd (min)" for r in rounds)
+        + " |",
+        "|---|---|---|---|" + "---|" * (2 * len(rounds)),
+    ]
+    for (taste, picks), g in table.groupby(["taste", "picks"], sort=False):
+        g = g.set_index("round")
+        means = [f"{g.score[r]:.4f} ± {_sd(g.score_sd[r])} ({g.score_min[r]:.4f})" for r in rounds]
+        wins = [f"{g.win[r]:.2f} ± {_sd(g.win_sd[r], 2)} ({g.win_min[r]:.2f})" for r in rounds]
+        who = "its own" if picks == "taste" else "random (control)"
+        lines.append(
+            f"| **{taste}**: {TASTES[taste][1]} | {who} | {int(g.seeds.min())} "
+            f"| {g.base.iloc[0]:.4f} | " + " | ".join(means + wins) + " |"
+        )
+    return "\n".join(lines)
+
+
+def _sd(value: float, digits: int = 4) -> str:
+    return "–" if pd.isna(value) else f"{value:.{digits}f}"
+
+
+def cross_table(df: pd.DataFrame) -> str:
+    """Last round: the mean win rate vs base of every taste (columns) for every labeler (rows)."""
+    last = df[df["images"] == df["images"].max()]
+    wide = last.pivot_table(index="labeler", columns="taste", values="win_rate", aggfunc="mean")
+    labelers = [t for t in (*TASTES, CONTROL) if t in wide.index]
+    cols = [t for t in TASTES if t in wide.columns]
+    lines = [
+        "| picks by ↓ / win rate in → | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for labeler in labelers:
+        cells = [
+            f"**{wide.loc[labeler, c]:.2f}**" if c == labeler else f"{wide.loc[labeler, c]:.2f}"
+            for c in cols
+        ]
+        lines.append(f"| {labeler} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def timing(results: list[dict]) -> str:
+    secs = [r["seconds"] for r in results]
+    per_round = [row["seconds"] for r in results for row in r["table"][1:]]
+    return (
+        f"{len(results)} runs: {np.median(secs):.0f} s a run (median; {min(secs):.0f}–"
+        f"{max(secs):.0f} s), {np.median(per_round):.0f} s a round; {results[0]['machine']}"
+    )
+
+
+def plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    part = _own(df)
+    fig, axes = plt.subplots(2, len(TASTES), figsize=(3.3 * len(TASTES), 6.2), squeeze=False)
+    for j, taste in enumerate(TASTES):
+        t = part[part["taste"] == taste]
+        for i, (value, ylabel) in enumerate((("score", "eval-set mean"), ("win_rate", "win rate"))):
+            ax = axes[i, j]
+            for picks, style, colour in (("taste", "-", "tab:blue"), (CONTROL, "--", "gray")):
+                g = t[t["picks"] == picks].groupby("images")[value]
+                if g.ngroups == 0:
+                    continue
+                mean, std = g.mean(), g.std().fillna(0.0)
+                label = "its own picks" if picks == "taste" else "random picks"
+                ax.plot(mean.index, mean, ls=style, marker="o", ms=3, color=colour, label=label)
+                ax.fill_between(mean.index, mean - std, mean + std, color=colour, alpha=0.15)
+            if value == "win_rate":
+                ax.axhline(0.5, color="k", lw=0.6)
+            elif not t.empty:
+                ax.axhline(t["base"].iloc[0], color="k", lw=0.6)
+            if i == 0:
+                ax.set_title(taste)
+            else:
+                ax.set_xlabel("images sampled for training")
+            if j == 0:
+                ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(
+        "Embedded model, D3PO defaults: each taste on 64 paired eval samples "
+        "(mean ± sd over seeds; black: base)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def report(results: list[dict], plot_path: Path) -> None:
+    df = frame(results)
+    print(markdown(summary(df)))
+    print()
+    print(cross_table(df))
+    print()
+    print(timing(results))
+    plot(df, plot_path)
+
+
+if __name__ == "__main__":
+    runs.main(
+        __doc__.splitlines()[0],
+        specs,
+        report,
+        seeds=3,
+        plot="tastes.png",
+        rounds=3,
+        out="tastes",
+        runner=run_taste,
+        describe=describe,
+    )
