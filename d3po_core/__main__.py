@@ -8,6 +8,7 @@ as reward. ``train`` also runs unchanged under ``accelerate launch`` (multi-GPU 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from .settings import (
     Settings,
     SettingsParser,
     setting,
+    spec,
 )
 
 
@@ -300,13 +302,9 @@ class Command:
 
 def _simulate_options(argv: list[str]) -> tuple[type, ...]:
     """simulate's options: the chosen method's round settings (``--method``, default d3po)."""
-    name = "d3po"
-    for i, arg in enumerate(argv):
-        if arg == "--method" and i + 1 < len(argv):
-            name = argv[i + 1]
-        elif arg.startswith("--method="):
-            name = arg.split("=", 1)[1]
-    config = _method(name).config
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default=spec(SimulateArgs, "method").default)
+    config = _method(pre.parse_known_args(argv)[0].method).config
     return (SessionArgs, ModelArgs, SampleSettings, SimulateArgs, config, LoraSettings)
 
 

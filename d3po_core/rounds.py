@@ -13,6 +13,7 @@ log-probs is that of the policy that drew the images.
 
 from __future__ import annotations
 
+import math
 import random
 import resource
 import sys
@@ -70,6 +71,11 @@ class Objective:
     def __init__(self, examples: list, config: RoundSettings) -> None:
         self.examples, self.config = examples, config
         self.trajectories: list[Trajectory] = [ex.trajectory for ex in examples]
+
+    @property
+    def latent_dims(self) -> int:
+        """Dimensions of one latent (the log-probs are summed over them)."""
+        return math.prod(self.trajectories[0].latents.shape[2:])
 
     def items(self) -> list[tuple]:
         """Every item of the round; ``item[0]`` indexes ``trajectories``."""
@@ -155,6 +161,19 @@ def log_probs_of(
     uncond_t = torch.stack(uncond).to(device) if has_neg else None
     out = guided_model_output(unet, x_t, ts, cond, uncond_t, guidance)
     return ddim_step(scheduler, out, ts, x_t, eta, prev_sample=x_prev).log_prob
+
+
+def pair_rows(items: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int]]:
+    """(trajectory, image, step) rows of (trajectory, winner, loser, step) items: every
+    winner's row, then every loser's, so a batch's log-probs split in two with ``chunk(2)``."""
+    return [(e, win, k) for e, win, _lose, k in items] + [
+        (e, lose, k) for e, _win, lose, k in items
+    ]
+
+
+def recorded_log_probs(trajectories: list[Trajectory], rows: list[tuple[int, int, int]]):
+    """The log-probs recorded while sampling (the sampling policy's) of each row."""
+    return torch.stack([trajectories[e].log_probs[i, k] for e, i, k in rows])
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -23,7 +23,14 @@ import torch.nn.functional as F
 
 from ..errors import SettingsError
 from ..models import set_lora_enabled
-from ..rounds import Batch, Objective, log_probs_of, require_log_probs, select_steps
+from ..rounds import (
+    Batch,
+    Objective,
+    log_probs_of,
+    pair_rows,
+    require_log_probs,
+    select_steps,
+)
 from ..sampling import Trajectory
 from ..settings import RoundSettings, setting
 
@@ -175,9 +182,7 @@ class D3POObjective(Objective):
 
     def _log_probs(self, pipe, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """log π of the winner and loser side of each item, in one UNet call."""
-        rows = [(e, win, k) for e, win, _lose, k in batch.items]
-        rows += [(e, lose, k) for e, _win, lose, k in batch.items]
-        return log_probs_of(pipe, self.trajectories, batch.key, rows).chunk(2)
+        return log_probs_of(pipe, self.trajectories, batch.key, pair_rows(batch.items)).chunk(2)
 
     def prepare(self, pipe, batches: list[Batch]) -> None:
         """Reference log-probs, once, before any update."""
@@ -195,7 +200,7 @@ class D3POObjective(Objective):
             batch.cache["ref_w"],
             logp_l,
             batch.cache["ref_l"],
-            dims=_latent_dims(self.trajectories),
+            dims=self.latent_dims,
             beta=self.config.beta,
             reduction=self.config.reduction,
             ratio_clip=self.config.ratio_clip,
@@ -209,7 +214,3 @@ class D3POObjective(Objective):
 
     def summary(self) -> dict:
         return {"picks": len(self.examples)}
-
-
-def _latent_dims(trajectories: list[Trajectory]) -> int:
-    return math.prod(trajectories[0].latents.shape[2:])

@@ -26,7 +26,14 @@ import pandas as pd
 import torch
 
 from ..errors import ScorerError, SettingsError
-from ..rounds import Batch, Objective, log_probs_of, require_log_probs, select_steps
+from ..rounds import (
+    Batch,
+    Objective,
+    log_probs_of,
+    recorded_log_probs,
+    require_log_probs,
+    select_steps,
+)
 from ..sampling import Trajectory
 from ..settings import RoundSettings, setting
 from .d3po import Reduction
@@ -168,7 +175,7 @@ class RewardObjective(Objective):
             logp,
             logp_old.to(logp.device, logp.dtype),
             advantages,
-            dims=math.prod(self.trajectories[0].latents.shape[2:]),
+            dims=self.latent_dims,
             clip_range=self.config.clip_range,
             reduction=self.config.reduction,
         )
@@ -208,6 +215,6 @@ class DDPOObjective(RewardObjective):
 
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
         logp = log_probs_of(pipe, self.trajectories, batch.key, batch.items)
-        old = torch.stack([self.trajectories[e].log_probs[i, k] for e, i, k in batch.items])
+        old = recorded_log_probs(self.trajectories, batch.items)
         adv = torch.tensor([self.advantages[(e, i)] for e, i, _k in batch.items])
         return self.clipped_terms(logp, old, adv)

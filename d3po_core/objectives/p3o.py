@@ -22,7 +22,14 @@ from typing import ClassVar
 
 import torch
 
-from ..rounds import Batch, log_probs_of, require_log_probs, select_steps
+from ..rounds import (
+    Batch,
+    log_probs_of,
+    pair_rows,
+    recorded_log_probs,
+    require_log_probs,
+    select_steps,
+)
 from .ddpo import RewardObjective, RewardSettings, rewarded_advantages
 
 
@@ -57,12 +64,9 @@ class P3OObjective(RewardObjective):
         return items
 
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
-        rows = [(e, win, k) for e, win, _lose, k in batch.items]
-        rows += [(e, lose, k) for e, _win, lose, k in batch.items]
+        rows = pair_rows(batch.items)
         win, lose = log_probs_of(pipe, self.trajectories, batch.key, rows).chunk(2)
-        old_win, old_lose = torch.stack(
-            [self.trajectories[e].log_probs[i, k] for e, i, k in rows]
-        ).chunk(2)
+        old_win, old_lose = recorded_log_probs(self.trajectories, rows).chunk(2)
         adv = torch.tensor([self.advantages[item[:3]] for item in batch.items])
         # the pair's log-ratio: log ρ_w − log ρ_l (the winner's advantage is positive)
         return self.clipped_terms(win - lose, old_win - old_lose, adv)
