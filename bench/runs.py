@@ -14,7 +14,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -65,40 +65,63 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
 
 
+@dataclass
+class Run:
+    """A spec made concrete: the pipeline, its sampling settings, the round settings."""
+
+    spec: dict
+    pipe: object
+    settings: SampleSettings
+    config: object
+    grids: int
+    start: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def of(cls, s: dict, model: str | None) -> Run:
+        pipe = load_pipeline(model or default_model(), device="cpu")
+        pipe.set_progress_bar_config(disable=True)
+        guidance = pipe.recommended.get("guidance", SampleSettings().guidance)
+        settings = replace(SampleSettings(guidance=guidance), **s["settings"])
+        config = METHODS[s["method"]].config(**{**s["config"], "seed": s["seed"]})
+        return cls(s, pipe, settings, config, IMAGES_PER_ROUND // settings.n)
+
+    def simulate(self, labeler, eval_set: EvalSet, **kwargs) -> list[dict]:
+        """The spec's rounds in a throw-away session, labeled by ``labeler``."""
+        with tempfile.TemporaryDirectory() as tmp, Session.open(Path(tmp) / "s") as session:
+            return simulate(
+                self.pipe,
+                session,
+                labeler,
+                PROMPTS,
+                rounds=self.spec["rounds"],
+                grids=self.grids,
+                settings=self.settings,
+                config=self.config,
+                eval_set=eval_set,
+                seed=1_000_000 * (self.spec["seed"] + 1),
+                **kwargs,
+            )
+
+    def result(self, **fields_: object) -> dict:
+        """The record saved for the run: the spec, what it ran with, and ``fields_``."""
+        return {
+            **self.spec,
+            "sample_settings": asdict(self.settings),
+            "full_config": self.config.to_dict(),
+            "grids_per_round": self.grids,
+            **fields_,
+            "seconds": time.perf_counter() - self.start,
+            "machine": machine(),
+        }
+
+
 def run_one(s: dict, out: Path, model: str | None) -> dict:
     """Run a spec (or read its cached result) and return the result."""
     path = out / f"{s['id']}.json"
     if path.exists():
         return json.loads(path.read_text())
-    pipe = load_pipeline(model or default_model(), device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    base = SampleSettings(guidance=pipe.recommended.get("guidance", SampleSettings().guidance))
-    settings = replace(base, **s["settings"])
-    grids = IMAGES_PER_ROUND // settings.n
-    config = METHODS[s["method"]].config(**{**s["config"], "seed": s["seed"]})
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, Session.open(Path(tmp) / "s") as session:
-        table = simulate(
-            pipe,
-            session,
-            load_scorer(s["objective"]),
-            PROMPTS,
-            rounds=s["rounds"],
-            grids=grids,
-            settings=settings,
-            config=config,
-            eval_set=EVAL,
-            seed=1_000_000 * (s["seed"] + 1),
-        )
-    result = {
-        **s,
-        "sample_settings": asdict(settings),
-        "full_config": config.to_dict(),
-        "grids_per_round": grids,
-        "table": table,
-        "seconds": time.perf_counter() - start,
-        "machine": machine(),
-    }
+    run = Run.of(s, model)
+    result = run.result(table=run.simulate(load_scorer(s["objective"]), EVAL))
     save_result(path, result)
     return result
 

@@ -17,7 +17,6 @@ Writes docs/img/tastes.png and prints the markdown tables of docs/benchmarks.md.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -26,14 +25,12 @@ import numpy as np
 import pandas as pd
 import runs
 from PIL import Image
-from runs import EVAL, IMAGES_PER_ROUND, PROMPTS, spec
+from runs import EVAL, spec
 
-from d3po_core.models import base_model, default_model, load_pipeline
-from d3po_core.objectives import METHODS
+from d3po_core.models import base_model, default_model
 from d3po_core.sampling import SampleSettings, sample_grid
 from d3po_core.scorers import Scorer
-from d3po_core.session import Session
-from d3po_core.simulate import EvalSet, paired_win_rate, simulate
+from d3po_core.simulate import EvalSet, paired_win_rate
 
 # ---------------------------------------------------------------------------------------------
 # Tastes: numpy/PIL only, robust on 64x64 samples (blurry edges, off-colour backgrounds).
@@ -215,18 +212,10 @@ def run_taste(s: dict, out: Path, model: str | None) -> dict:
     path = out / f"{s['id']}.json"
     if path.exists():
         return json.loads(path.read_text())
-    model = model or default_model()
-    pipe = load_pipeline(model, device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    base_settings = SampleSettings(
-        guidance=pipe.recommended.get("guidance", SampleSettings().guidance)
-    )
-    settings = replace(base_settings, **s["settings"])
-    grids = IMAGES_PER_ROUND // settings.n
-    config = METHODS[s["method"]].config(**{**s["config"], "seed": s["seed"]})
+    run = runs.Run.of(s, model)
+    pipe, settings = run.pipe, run.settings
     labeler = random_labeler(s["seed"]) if s["objective"] == CONTROL else TASTES[s["objective"]][0]
-    start = time.perf_counter()
-    key = (model, tuple(sorted(asdict(settings).items())))
+    key = (model or default_model(), tuple(sorted(asdict(settings).items())))
     if key not in _BASE_CACHE:  # the untuned model's eval set is the same in every run
         with base_model(pipe.unet):
             _BASE_CACHE[key] = score_eval_set(pipe, settings)
@@ -246,31 +235,8 @@ def run_taste(s: dict, out: Path, model: str | None) -> dict:
             }
         )
 
-    with tempfile.TemporaryDirectory() as tmp, Session.open(Path(tmp) / "s") as session:
-        simulate(
-            pipe,
-            session,
-            labeler,
-            PROMPTS,
-            rounds=s["rounds"],
-            grids=grids,
-            settings=settings,
-            config=config,
-            eval_set=_SIM_EVAL,
-            seed=1_000_000 * (s["seed"] + 1),
-            on_round=on_round,
-        )
-    result = {
-        **s,
-        "sample_settings": asdict(settings),
-        "full_config": config.to_dict(),
-        "grids_per_round": grids,
-        "eval_set": asdict(EVAL_SET),
-        "table": table,
-        "eval_scores": samples,
-        "seconds": time.perf_counter() - start,
-        "machine": runs.machine(),
-    }
+    run.simulate(labeler, _SIM_EVAL, on_round=on_round)
+    result = run.result(eval_set=asdict(EVAL_SET), table=table, eval_scores=samples)
     out.mkdir(parents=True, exist_ok=True)
     runs.save_result(path, result)
     return result
