@@ -174,9 +174,24 @@ _SIM_EVAL = EvalSet(EVAL.prompts[:1], EVAL.seeds[:1])
 _BASE_CACHE: dict[tuple, dict[str, list[float]]] = {}
 
 
+#: variant -> (method, config overrides): the candidates measured for the defaults
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "d3po": ("d3po", {}),
+    "implied": ("d3po", {"pairs": "implied", "timestep_fraction": 0.25}),
+    "implied-replay": ("d3po", {"pairs": "implied", "timestep_fraction": 0.25, "replay": True}),
+    "accum4": ("d3po", {"grad_accum": 4}),
+    "diffusion-dpo": ("diffusion-dpo", {}),
+    "diffusion-dpo-replay": ("diffusion-dpo", {"replay": True}),
+}
+
+#: the variant the detailed tables and the plot describe: the engine's defaults
+DEFAULT_VARIANT = "d3po"
+
+
 def specs(seeds: int, rounds: int) -> list[dict]:
     return [
-        spec("d3po", labeler, "d3po", seed, rounds=rounds)
+        spec(variant, labeler, method, seed, rounds=rounds, config=config)
+        for variant, (method, config) in VARIANTS.items()
         for seed in range(seeds)
         for labeler in (*TASTES, CONTROL)
     ]
@@ -229,13 +244,18 @@ def run_taste(s: dict, out: Path, model: str | None) -> dict:
         samples.append({k: [round(v, 6) for v in vs] for k, vs in scores.items()})
         table.append(
             {
-                **{k: row[k] for k in ("round", "images_sampled", "loss", "accuracy")},
+                **{
+                    k: row[k]
+                    for k in ("round", "images_sampled", "loss", "accuracy", "train_seconds")
+                },
                 "seconds": row["seconds"] + time.perf_counter() - t0,
                 "tastes": taste_rows(scores, base),
             }
         )
 
-    run.simulate(labeler, _SIM_EVAL, on_round=on_round)
+    rows = run.simulate(labeler, _SIM_EVAL, on_round=on_round)
+    for entry, row in zip(table, rows, strict=True):
+        entry["heldout_agreement"] = row.get("heldout_agreement")
     result = run.result(eval_set=asdict(EVAL_SET), table=table, eval_scores=samples)
     out.mkdir(parents=True, exist_ok=True)
     runs.save_result(path, result)
@@ -259,6 +279,7 @@ def frame(results: list[dict]) -> pd.DataFrame:
             for taste, m in row["tastes"].items():
                 rows.append(
                     {
+                        "variant": r["variant"],
                         "labeler": r["objective"],
                         "seed": r["seed"],
                         "round": row["round"],
@@ -268,6 +289,7 @@ def frame(results: list[dict]) -> pd.DataFrame:
                         "base": m["base_mean"],
                         "win_rate": m["win_rate"],
                         "seconds": row["seconds"],
+                        "heldout": row.get("heldout_agreement"),
                     }
                 )
     return pd.DataFrame(rows)
@@ -403,14 +425,52 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def compare(df: pd.DataFrame) -> str:
+    """A row per variant: each taste's last-round win rate on its own picks (mean ± sd over
+    seeds, min), the largest fall of a per-round mean, and the control's win rates."""
+    part = _own(df)
+    part = part[part["images"] > 0]
+    last_round = part["round"].max()
+    lines = [
+        "| variant | " + " | ".join(TASTES) + " | worst fall | random picks (control) | s/round |",
+        "|---|" + "---|" * (len(TASTES) + 3),
+    ]
+    for variant, g in part.groupby("variant", sort=False):
+        cells, falls = [], []
+        for taste in TASTES:
+            own = g[(g["taste"] == taste) & (g["picks"] == "taste")]
+            means = own.groupby("round")["win_rate"].mean().sort_index()
+            last = own[own["round"] == last_round]["win_rate"]
+            cells.append(
+                f"{last.mean():.2f} ± {_sd(last.std(), 2)} ({last.min():.2f})" if len(last) else "–"
+            )
+            falls.append(float((-means.diff()).max()) if len(means) > 1 else 0.0)
+        ctrl = g[(g["picks"] == CONTROL) & (g["round"] == last_round)]
+        ctrl_means = ctrl.groupby("taste")["win_rate"].mean()
+        control = (
+            f"{ctrl_means.min():.2f}–{ctrl_means.max():.2f}" if len(ctrl_means) else "–"
+        )
+        secs = g["seconds"].median()
+        lines.append(
+            f"| {variant} | " + " | ".join(cells)
+            + f" | {max(falls):.2f} | {control} | {secs:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def report(results: list[dict], plot_path: Path) -> None:
     df = frame(results)
-    print(markdown(summary(df)))
+    print(compare(df))
     print()
-    print(cross_table(df))
+    default = df[df["variant"] == DEFAULT_VARIANT]
+    if default.empty:
+        return
+    print(markdown(summary(default)))
     print()
-    print(timing(results))
-    plot(df, plot_path)
+    print(cross_table(default))
+    print()
+    print(timing([r for r in results if r["variant"] == DEFAULT_VARIANT]))
+    plot(default, plot_path)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,13 @@ from .sampling import SampleSettings, sample_grid
 from .scorers import Scorer, score_images
 from .session import Session
 from .settings import RoundSettings
-from .workflow import generate, label_with_scorer, train_round
+from .workflow import (
+    generate,
+    heldout_agreement,
+    label_with_scorer,
+    load_examples,
+    train_round,
+)
 
 
 @dataclass
@@ -66,12 +72,21 @@ def simulate(
     on_grid: Callable[[int, int], None] | None = None,
     on_progress: Callable[[ProgressEvent], None] | None = None,
     on_round: Callable[[dict], None] | None = None,
+    on_measured: Callable[[dict], None] | None = None,
+    heldout_last: bool = True,
 ) -> list[dict]:
     """Run ``rounds`` of (``grids`` grids → scorer → one round); one table row a round.
 
     D3PO trains on the scorer's best/worst of each grid, DDPO and P3O on its values (by the
     method of ``config``). Row 0 is the starting point (the session's active adapter, or the base
     model); each row counts the images sampled for training so far.
+
+    With a method on picks each row also has ``heldout_agreement``: the share of the next
+    round's picks (made before any training on them) that the row's model ranks as the
+    scorer did (None for the base model, whose implicit reward is 0). ``on_round`` gets each
+    row as soon as it is made (the pipeline then holds the row's model), ``on_measured`` once
+    its held-out agreement is known too; for the last row ``heldout_last`` labels one more
+    round of grids, measures, and leaves those picks untrained in the session.
     """
     with base_model(pipe.unet):
         base_scores = evaluate(pipe, scorer, eval_set, settings)
@@ -88,6 +103,7 @@ def simulate(
             "loss": metrics.get("loss"),
             "accuracy": metrics.get("accuracy"),
             "seconds": seconds,
+            "train_seconds": metrics.get("seconds"),
             "images_sampled": sampled,
         }
 
@@ -98,8 +114,9 @@ def simulate(
         on_round(table[0])
     prompt_cycle = itertools.cycle(prompts)
     grid_seed = seed
-    for _ in range(rounds):
-        start = time.perf_counter()
+
+    def label_grids() -> list[tuple[int, list[float]]]:
+        nonlocal grid_seed, sampled
         rewarded = []
         for g in range(grids):
             grid_id, grid = generate(pipe, session, next(prompt_cycle), settings, seed=grid_seed)
@@ -113,11 +130,30 @@ def simulate(
                 label_with_scorer(session, grid_id, scorer)
             if on_grid is not None:
                 on_grid(g + 1, grids)
+        return rewarded
+
+    def close(last: dict, heldout: dict) -> None:
+        """A row is complete once the picks made after it have measured it."""
+        last["heldout_agreement"] = heldout.get("heldout_agreement")
+        if on_measured is not None:
+            on_measured(last)
+
+    for _ in range(rounds):
+        start = time.perf_counter()
+        rewarded = label_grids()
         round_id, metrics = train_round(
             pipe, session, config, rewarded=rewarded, on_progress=on_progress
         )
+        close(table[-1], metrics)
         scores = evaluate(pipe, scorer, eval_set, settings)
         table.append(row(round_id, scores, metrics, time.perf_counter() - start))
         if on_round is not None:
             on_round(table[-1])
+    heldout: dict = {}
+    if heldout_last and not on_rewards:
+        before = sampled
+        label_grids()
+        sampled = before  # measured, not trained on
+        heldout = heldout_agreement(pipe, session, load_examples(session)[1])
+    close(table[-1], heldout)
     return table

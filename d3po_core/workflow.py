@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from .errors import NoPicksError
 from .models import load_lora, remove_lora, save_lora
 from .objectives import method_of
-from .objectives.d3po import D3POConfig, Example
+from .objectives.d3po import D3POConfig, Example, pick_agreement
 from .objectives.ddpo import RewardExample
 from .rounds import ProgressEvent, RoundResult, run_round
 from .sampling import Grid, SampleSettings, Trajectory, sample_grid
@@ -86,10 +86,14 @@ def unlabeled_grids(session: Session) -> list[int]:
     return [int(g) for g in grids["id"] if int(g) not in labeled]
 
 
-def load_examples(session: Session, *, replay: bool = False) -> tuple[list[Example], int]:
-    """The picks to train on as Examples, and the newest pick id among them."""
+def load_examples(
+    session: Session, *, replay: bool = False
+) -> tuple[list[Example], list[Example], int]:
+    """The picks to train on as Examples, those among them no round has trained on yet (the
+    new picks), and the newest pick id."""
+    new_ids = {p["pick_id"] for p in session.training_picks(since_last_round=True)}
     picks = session.training_picks(since_last_round=not replay)
-    if not picks:
+    if not new_ids:
         raise NoPicksError("no new picks to train on: label some grids (best and worst) first")
     cache: dict[int, Trajectory] = {}
     examples = []
@@ -97,7 +101,25 @@ def load_examples(session: Session, *, replay: bool = False) -> tuple[list[Examp
         if p["grid_id"] not in cache:
             cache[p["grid_id"]] = load_trajectory(session, p["grid_id"])
         examples.append(Example(cache[p["grid_id"]], p["best"], p["worst"], p["pick_id"]))
-    return examples, max(p["pick_id"] for p in picks)
+    new = [ex for ex in examples if ex.pick_id in new_ids]
+    return examples, new, max(p["pick_id"] for p in picks)
+
+
+def heldout_agreement(pipe, session: Session, new: list[Example]) -> dict:
+    """How the adapter as it stands (the active round) ranks the new picks it was never
+    trained on, as metrics of the round about to train on them: ``heldout_round`` (the round
+    measured), ``heldout_agreement``, ``heldout_picks`` and ``heldout_kl`` (its estimated KL
+    from the base model, nats per trajectory); empty on the base model."""
+    active = session.active_round
+    result = pick_agreement(pipe, new, active_round=active)
+    if result is None:
+        return {}
+    return {
+        "heldout_round": active,
+        "heldout_agreement": result["agreement"],
+        "heldout_picks": result["picks"],
+        "heldout_kl": result["kl"],
+    }
 
 
 def train_round(
@@ -112,7 +134,8 @@ def train_round(
 ) -> tuple[int | None, dict]:
     """Train one round of the config's method and commit its adapter; (round id, metrics).
 
-    A method on picks (D3PO) trains on the picks since the last round (all with ``replay``);
+    A method on picks (D3PO) trains on the picks since the last round (all with ``replay``)
+    and first measures the active round's held-out agreement on the new picks;
     a method on rewards (DDPO, P3O) on ``rewarded``: (grid id, a reward per image) pairs, and
     consumes no picks. Under a multi-process launch only the main process writes the round
     (round id None elsewhere). A cancelled or failed round commits nothing and leaves the
@@ -122,7 +145,10 @@ def train_round(
     method = method_of(config)
     extra: dict = {}
     if method.inputs == "picks":
-        examples, last_pick_id = load_examples(session, replay=getattr(config, "replay", False))
+        examples, new, last_pick_id = load_examples(
+            session, replay=getattr(config, "replay", False)
+        )
+        extra.update(heldout_agreement(pipe, session, new))
     else:
         examples = [RewardExample(load_trajectory(session, g), list(r)) for g, r in rewarded]
         rounds = session.rounds_df()
@@ -135,9 +161,10 @@ def train_round(
         should_cancel=should_cancel,
         accelerator=accelerator,
     )
+    metrics = {**result.metrics, **extra}
     if accelerator is not None and not accelerator.is_main_process:
-        return None, result.metrics
-    return commit_round(pipe, session, config, result, last_pick_id, extra), result.metrics
+        return None, metrics
+    return commit_round(pipe, session, config, result, last_pick_id, extra), metrics
 
 
 def commit_round(

@@ -277,7 +277,17 @@ class StudioController:
     # -- history --------------------------------------------------------------------------------
 
     def rounds(self) -> pd.DataFrame:
-        return self.session.rounds_df()
+        """The rounds, each with its held-out agreement (``heldout_agreement``: how it ranked
+        the picks made after it; empty until the next round has measured it)."""
+        rounds = self.session.rounds_df()
+        heldout = reports.heldout_df(self.session)[["round", "agreement"]]
+        heldout = heldout.rename(columns={"round": "id", "agreement": "heldout_agreement"})
+        return rounds.merge(heldout, on="id", how="left")
+
+    def round_warnings(self, round_id: int) -> tuple[list[str], int | None]:
+        """Warnings that round ``round_id``'s training raised on the round before it, and the
+        round to offer a rollback to (None: the base model)."""
+        return reports.heldout_warnings(self.session, round_id)
 
     def picks(self) -> pd.DataFrame:
         return self.session.picks_df()

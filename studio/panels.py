@@ -29,7 +29,7 @@ def _png(image: Image.Image, size: int = 160) -> bytes:
 
 def _html(markdown: str) -> str:
     """The views' short Markdown (bold only) as HTML."""
-    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", markdown)
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", markdown).replace("\n\n", "<br><br>")
 
 
 def _settings_box(
@@ -190,12 +190,18 @@ class TrainPanel(_Panel):
         self.history: list[dict] = []
         self.result: tuple[int, dict] | None = None
         self.train_button.on_click(lambda _: self.train())
+        self.rollback_to: int | None = None
+        self.rollback_button = widgets.Button(
+            description="Roll back", layout=widgets.Layout(display="none", width="auto")
+        )
+        self.rollback_button.on_click(lambda _: self.roll_back())
         self.widget = widgets.VBox(
             [
                 settings_box,
                 widgets.HBox([self.train_button, self.progress, self.eta]),
                 self.plot,
                 self.status,
+                self.rollback_button,
             ]
         )
 
@@ -235,7 +241,18 @@ class TrainPanel(_Panel):
         except Exception as exc:
             self._say(self.ctl.describe_error(exc))
             return
-        self._say(views.round_saved(*self.result))
+        round_id, metrics = self.result
+        warnings, self.rollback_to = self.ctl.round_warnings(round_id)
+        self._say(views.round_saved(round_id, metrics, warnings))
+        self.rollback_button.description = views.rollback_label(self.rollback_to)
+        self.rollback_button.layout.display = None if warnings else "none"
+
+    def roll_back(self) -> None:
+        """Activate the round a warning offered (the one before the round it was about)."""
+        _, error = self._attempt(self.ctl.activate, self.rollback_to)
+        if not error:
+            self._say(views.activated(self.rollback_to))
+            self.rollback_button.layout.display = "none"
 
 
 class ComparePanel(_Panel):

@@ -182,26 +182,45 @@ def train_tab(ctl: StudioController, shared: Shared):
         train_btn = gr.Button("Train a round", variant="primary", elem_id="train-btn")
         cancel_btn = gr.Button("Cancel", elem_id="cancel-btn")
     train_status = gr.Markdown("", elem_id="train-status")
+    rollback_btn = gr.Button("Roll back", visible=False, elem_id="rollback-btn")
+    rollback_to = gr.State(None)
     curve = gr.LinePlot(x="step", y="value", color="metric", label="Loss and accuracy", height=260)
 
     def train(data, progress=gr.Progress()):
-        """Streams the round's progress and loss/accuracy curve as it trains."""
+        """Streams the round's progress and loss/accuracy curve as it trains; the result
+        says the held-out agreement and offers a rollback when a warning was raised."""
         rows: list[dict] = []
+        rollback, target = gr.update(visible=False), None
         try:
             values = {path: data[c] for path, c in settings.items()}
             config = controls.settings_from(controls.TRAIN_ROOT(), values)
             for event in ctl.train_stream(config):
                 if not isinstance(event, ProgressEvent):
-                    text = views.round_saved(*event)
+                    round_id, metrics = event
+                    warnings, target = ctl.round_warnings(round_id)
+                    text = views.round_saved(round_id, metrics, warnings)
+                    if warnings:
+                        rollback = gr.update(visible=True, value=views.rollback_label(target))
                     break
                 progress(event.step / event.total, desc=views.progress_text(event))
                 rows += views.curve_rows(event)
-                yield f"Training: {views.progress_text(event)}", pd.DataFrame(rows), gr.update()
+                yield (
+                    f"Training: {views.progress_text(event)}",
+                    pd.DataFrame(rows),
+                    gr.update(),
+                    rollback,
+                    target,
+                )
         except RoundCancelled:
             text = views.CANCELLED
         except Exception as exc:
             text = ctl.describe_error(exc)
-        yield text, gr.update(), views.picks_waiting(ctl.picks_since_last_round())
+        picks = views.picks_waiting(ctl.picks_since_last_round())
+        yield text, gr.update(), picks, rollback, target
+
+    def roll_back(target):
+        _, error = ctl.attempt(ctl.activate, target)
+        return error or views.activated(target), gr.update(visible=False)
 
     cancel_btn.click(
         lambda: (ctl.cancel_training(), "Cancelling…")[1],
@@ -209,7 +228,8 @@ def train_tab(ctl: StudioController, shared: Shared):
         [train_status],
         concurrency_limit=None,
     )
-    outputs = [train_status, curve, shared.picks_count]
+    rollback_btn.click(roll_back, [rollback_to], [train_status, rollback_btn], **GPU)
+    outputs = [train_status, curve, shared.picks_count, rollback_btn, rollback_to]
     return train_btn.click(train, set(settings.values()), outputs, **GPU)
 
 

@@ -16,9 +16,10 @@ ROUND_COLUMNS = (
     "metric_picks",
     "metric_loss",
     "metric_accuracy",
+    "heldout_agreement",
     "metric_seconds",
 )
-PLOTTED_METRICS = ("metric_loss", "metric_accuracy", "metric_mean_delta")
+PLOTTED_METRICS = ("metric_loss", "metric_accuracy", "heldout_agreement")
 WIN_RATE_COLUMNS = ["round", "wins", "losses", "ties", "win_rate"]
 CANCELLED = "Cancelled; nothing was saved and your picks wait for the next round."
 
@@ -52,11 +53,28 @@ def curve_rows(event) -> list[dict]:
     ]
 
 
-def round_saved(round_id: int, metrics: dict) -> str:
-    return (
+def round_saved(round_id: int, metrics: dict, warnings: list[str] = ()) -> str:
+    """The Train result: the round's loss and accuracy, the held-out agreement its training
+    measured on the round before it, and any warning (one paragraph each)."""
+    text = (
         f"Round {round_id} saved and active: loss {metrics['loss']:.4f}, "
         f"accuracy {metrics['accuracy']:.2f}, {metrics['seconds']:.1f} s."
     )
+    if metrics.get("heldout_agreement") is not None:
+        n = metrics["heldout_picks"]
+        agreed = round(metrics["heldout_agreement"] * n)
+        text += (
+            f"\n\nHeld-out agreement of round {metrics['heldout_round']}: it ranked {agreed} of "
+            f"your {n} new picks the way you did ({metrics['heldout_agreement']:.0%}) before "
+            "training on them."
+        )
+    for warning in warnings:
+        text += f"\n\n**Warning:** {warning}"
+    return text
+
+
+def rollback_label(round_id: int | None) -> str:
+    return "Roll back to the base model" if round_id is None else f"Roll back to round {round_id}"
 
 
 def activated(round_id: int | None) -> str:
@@ -82,7 +100,8 @@ def metrics_long(rounds: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({"round": [], "metric": [], "value": []})
     cols = [c for c in PLOTTED_METRICS if c in rounds]
     long = rounds.melt(id_vars="id", value_vars=cols, var_name="metric", value_name="value")
-    long["metric"] = long["metric"].str.removeprefix("metric_")
+    long["metric"] = long["metric"].str.removeprefix("metric_").str.replace("_", " ")
+    long = long.dropna(subset=["value"])
     return long.rename(columns={"id": "round"})
 
 

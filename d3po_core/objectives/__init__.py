@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..errors import SettingsError
 from ..rounds import Objective
 from ..settings import RoundSettings
-from . import d3po, ddpo, p3o
+from . import d3po, ddpo, diffusion_dpo, p3o
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,13 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("d3po", d3po.D3POConfig, d3po.D3POObjective, "picks", "D3PO on best/worst picks"),
+        Method(
+            "diffusion-dpo",
+            diffusion_dpo.DiffusionDPOConfig,
+            diffusion_dpo.DiffusionDPOObjective,
+            "picks",
+            "Diffusion-DPO (noise-level loss) on best/worst picks",
+        ),
         Method(
             "ddpo", ddpo.DDPOConfig, ddpo.DDPOObjective, "rewards", "DDPO (PPO-clip) on rewards"
         ),

@@ -49,3 +49,80 @@ def win_rates(session: Session) -> pd.DataFrame:
     decided = (df["wins"] + df["losses"]).astype(float)
     df["win_rate"] = df["wins"].astype(float) / decided
     return df
+
+
+#: A round whose held-out agreement is below this, or fell by at least AGREEMENT_DROP from
+#: the round before it, gets a warning.
+AGREEMENT_FLOOR = 0.5
+AGREEMENT_DROP = 0.2
+#: A round whose estimated KL from the base model grew by more than this factor over the
+#: round before it (and past KL_FLOOR nats) gets a warning.
+KL_JUMP = 3.0
+KL_FLOOR = 10.0
+
+
+def heldout_df(session: Session) -> pd.DataFrame:
+    """Held-out agreement per round: how each round ranked the picks made after it, before
+    any round trained on them (measured when the next round trains).
+
+    Columns: round, agreement, picks, kl (estimated KL from the base model, nats per
+    trajectory), measured_by (the round whose training measured it). Rounds not measured yet
+    (the newest, until the next round trains) have no row.
+    """
+    rounds = session.rounds_df()
+    columns = ["round", "agreement", "picks", "kl", "measured_by"]
+    if "metric_heldout_round" not in rounds:
+        return pd.DataFrame(columns=columns)
+    measured = rounds.dropna(subset=["metric_heldout_round"])
+    return pd.DataFrame(
+        {
+            "round": measured["metric_heldout_round"].astype("int64"),
+            "agreement": measured["metric_heldout_agreement"].astype(float),
+            "picks": measured["metric_heldout_picks"].astype("int64"),
+            "kl": measured["metric_heldout_kl"].astype(float),
+            "measured_by": measured["id"].astype("int64"),
+        },
+        columns=columns,
+    ).reset_index(drop=True)
+
+
+def heldout_warnings(session: Session, measured_by: int) -> tuple[list[str], int | None]:
+    """Plain-words warnings on the round that round ``measured_by``'s training measured, and
+    the round to offer a rollback to (the one before it; None = the base model)."""
+    records = heldout_df(session).to_dict("records")
+    this = [r for r in records if r["measured_by"] == measured_by]
+    if not this:
+        return [], None
+    row = this[-1]
+    earlier = [r for r in records if r["round"] < row["round"]]
+    before = earlier[-1] if earlier else None
+    rounds = session.rounds_df()
+    older = rounds[rounds["id"] < row["round"]]["id"]
+    fallback = int(older.iloc[-1]) if len(older) else None
+    target = f"round {fallback}" if fallback is not None else "the base model"
+    share = f"{round(row['agreement'] * row['picks'])} of your {row['picks']} new picks"
+    warnings = []
+    if row["agreement"] < AGREEMENT_FLOOR:
+        warnings.append(
+            f"Round {row['round']} ranked only {share} the way you did "
+            f"({row['agreement']:.0%}): it may have moved away from your taste. "
+            f"If its grids looked worse, roll back to {target}."
+        )
+    elif before is not None and row["agreement"] <= before["agreement"] - AGREEMENT_DROP:
+        warnings.append(
+            f"Round {row['round']} ranked {share} the way you did ({row['agreement']:.0%}), "
+            f"fewer than round {before['round']} ({before['agreement']:.0%}). "
+            f"If its grids looked worse, roll back to {target}."
+        )
+    if (
+        before is not None
+        and row["kl"] > KL_FLOOR
+        and row["kl"] > KL_JUMP * max(before["kl"], KL_FLOOR / KL_JUMP)
+    ):
+        warnings.append(
+            f"Round {row['round']} moved much further from the base model than round "
+            f"{before['round']} (KL {row['kl']:.0f} vs {before['kl']:.0f} nats): its images "
+            f"may lose variety. A lower learning rate or fewer epochs keeps rounds closer; "
+            f"roll back to {target} if they look worse."
+        )
+    return warnings, fallback

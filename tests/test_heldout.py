@@ -1,0 +1,99 @@
+"""Held-out agreement: how each round ranks the picks made after it, and the warnings on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from d3po_core.objectives.d3po import D3POConfig, implicit_rewards, pick_agreement
+from d3po_core.sampling import sample_grid
+from d3po_core.session import Session
+from d3po_core.session.reports import heldout_df, heldout_warnings
+from d3po_core.workflow import generate, load_examples, train_round
+
+from .conftest import FAST
+
+
+def _round(session: Session, **metrics) -> int:
+    """Commit a round with an empty adapter folder and the given metrics."""
+    tmp = session.new_round_dir()
+    (tmp / "adapter_model.safetensors").write_bytes(b"")
+    return session.commit_round(tmp, settings={}, metrics=metrics, last_pick_id=0)
+
+
+def _measured(round_id: int, agreement: float, kl: float, picks: int = 8) -> dict:
+    return {
+        "heldout_round": round_id,
+        "heldout_agreement": agreement,
+        "heldout_picks": picks,
+        "heldout_kl": kl,
+    }
+
+
+def test_heldout_table_and_warnings(tmp_path):
+    with Session.open(tmp_path / "s") as session:
+        assert heldout_df(session).empty
+        _round(session)  # round 1: nothing measured yet
+        _round(session, **_measured(1, 0.75, 5.0))  # round 2 measured round 1
+        _round(session, **_measured(2, 0.5, 6.0))  # round 3: round 2 fell by 0.25
+        _round(session, **_measured(3, 0.375, 7.0))  # round 4: round 3 below 0.5
+        _round(session, **_measured(4, 0.625, 40.0))  # round 5: round 4's KL jumped
+        _round(session, **_measured(5, 0.625, 45.0))  # round 6: nothing to say
+        df = heldout_df(session)
+        assert df["round"].tolist() == [1, 2, 3, 4, 5]
+        assert df["measured_by"].tolist() == [2, 3, 4, 5, 6]
+        assert df["agreement"].tolist() == [0.75, 0.5, 0.375, 0.625, 0.625]
+
+        assert heldout_warnings(session, 1) == ([], None)
+        assert heldout_warnings(session, 2) == ([], None)  # nothing before round 1 to compare
+
+        warnings, target = heldout_warnings(session, 3)
+        assert target == 1
+        assert len(warnings) == 1 and "fewer than round 1 (75%)" in warnings[0]
+        assert "4 of your 8 new picks" in warnings[0] and "roll back to round 1" in warnings[0]
+
+        warnings, target = heldout_warnings(session, 4)
+        assert target == 2
+        assert len(warnings) == 1 and "only 3 of your 8 new picks" in warnings[0]
+
+        warnings, target = heldout_warnings(session, 5)
+        assert target == 3
+        assert len(warnings) == 1 and "KL 40 vs 7 nats" in warnings[0]
+
+        assert heldout_warnings(session, 6) == ([], 4)
+
+
+def test_agreement_is_none_on_the_base_model(pipe, tmp_path):
+    with Session.open(tmp_path / "s") as session:
+        for seed in (0, 4):
+            grid_id, _ = generate(pipe, session, "a circle", FAST, seed=seed)
+            session.add_pick(grid_id, best=0, worst=1)
+        _, new, _ = load_examples(session)
+        assert pick_agreement(pipe, new, active_round=None) is None
+        round_id, metrics = train_round(pipe, session, D3POConfig(epochs=1, batch_size=4))
+        assert "heldout_agreement" not in metrics  # the base model ranks nothing
+
+        grid_id, _ = generate(pipe, session, "a circle", FAST, seed=8)
+        session.add_pick(grid_id, best=2, worst=3)
+        _, new, _ = load_examples(session)
+        assert [ex.pick_id for ex in new] == [3]
+        _, metrics = train_round(pipe, session, D3POConfig(epochs=1, batch_size=4))
+        assert metrics["heldout_round"] == round_id
+        assert metrics["heldout_picks"] == 1
+        assert metrics["heldout_agreement"] in (0.0, 0.5, 1.0)
+        assert heldout_df(session)["round"].tolist() == [round_id]
+
+
+def test_recorded_log_probs_give_the_same_implicit_reward(pipe, tmp_path):
+    """The policy side read from the sampled log-probs equals the UNet's recomputation."""
+    with Session.open(tmp_path / "s") as session:
+        grid_id, _ = generate(pipe, session, "a circle", FAST, seed=0)
+        session.add_pick(grid_id, best=0, worst=3)
+        train_round(pipe, session, D3POConfig(epochs=1, batch_size=4, learning_rate=1e-2))
+        grid_id, _ = generate(pipe, session, "a square", FAST, seed=4)
+        session.add_pick(grid_id, best=1, worst=2)
+        _, new, _ = load_examples(session)
+        recorded = implicit_rewards(pipe, new, active_round=session.active_round)
+        recomputed = implicit_rewards(pipe, new, active_round=-1)  # no grid was drawn by it
+        assert recorded.abs().min() > 0  # the adapter moved the policy
+        torch.testing.assert_close(recorded, recomputed, rtol=1e-3, atol=1e-3)
