@@ -182,6 +182,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "accum4": ("d3po", {"grad_accum": 4}),
     "diffusion-dpo": ("diffusion-dpo", {}),
     "diffusion-dpo-replay": ("diffusion-dpo", {"replay": True}),
+    "d3po-replay": ("d3po", {"replay": True}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

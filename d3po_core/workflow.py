@@ -6,6 +6,7 @@ commit its adapter; activate a round (or the base model) in the pipeline.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 
 from .errors import NoPicksError
@@ -87,14 +88,21 @@ def unlabeled_grids(session: Session) -> list[int]:
 
 
 def load_examples(
-    session: Session, *, replay: bool = False
+    session: Session, *, replay: bool = False, seed: int = 0
 ) -> tuple[list[Example], list[Example], int]:
     """The picks to train on as Examples, those among them no round has trained on yet (the
-    new picks), and the newest pick id."""
-    new_ids = {p["pick_id"] for p in session.training_picks(since_last_round=True)}
-    picks = session.training_picks(since_last_round=not replay)
-    if not new_ids:
+    new picks), and the newest pick id. With ``replay``, as many earlier picks as new ones
+    (all if fewer), drawn at random by ``seed`` and the round's number, join the new ones."""
+    picks = session.training_picks(since_last_round=True)
+    if not picks:
         raise NoPicksError("no new picks to train on: label some grids (best and worst) first")
+    new_ids = {p["pick_id"] for p in picks}
+    if replay:
+        earlier = [p for p in session.training_picks(since_last_round=False)]
+        earlier = [p for p in earlier if p["pick_id"] not in new_ids]
+        rng = random.Random(f"{seed}-{session.last_round() or 0}")
+        kept = rng.sample(earlier, min(len(earlier), len(picks)))
+        picks = sorted(kept, key=lambda p: p["pick_id"]) + picks
     cache: dict[int, Trajectory] = {}
     examples = []
     for p in picks:
@@ -134,7 +142,8 @@ def train_round(
 ) -> tuple[int | None, dict]:
     """Train one round of the config's method and commit its adapter; (round id, metrics).
 
-    A method on picks (D3PO) trains on the picks since the last round (all with ``replay``)
+    A method on picks (D3PO) trains on the picks since the last round (and as many earlier
+    ones with ``replay``)
     and first measures the active round's held-out agreement on the new picks;
     a method on rewards (DDPO, P3O) on ``rewarded``: (grid id, a reward per image) pairs, and
     consumes no picks. Under a multi-process launch only the main process writes the round
@@ -146,7 +155,7 @@ def train_round(
     extra: dict = {}
     if method.inputs == "picks":
         examples, new, last_pick_id = load_examples(
-            session, replay=getattr(config, "replay", False)
+            session, replay=getattr(config, "replay", False), seed=config.seed
         )
         extra.update(heldout_agreement(pipe, session, new))
     else:

@@ -120,8 +120,20 @@ def test_simulate_prints_a_table_and_writes_json(tiny_eps, tmp_path, capsys):
     for row in table[1:]:
         assert row["loss"] is not None and 0 <= row["win_rate"] <= 1
         assert row["base_mean"] == table[0]["base_mean"]  # the same fixed eval set
+    # held-out agreement: none for the base model; each round's on the picks made after it
+    assert table[0]["heldout_agreement"] is None
+    assert all(0 <= row["heldout_agreement"] <= 1 for row in table[1:])
+    with Session.open(tmp_path / "s", create=False) as session:
+        assert session.rounds_df()["metric_heldout_round"].tolist()[1] == 1
+        assert len(session.training_picks()) == 2  # the last row's held-out picks wait
     printed = capsys.readouterr().out
-    assert "win rate" in printed and len(printed.splitlines()) >= 5
+    assert "win rate" in printed and "held-out" in printed and len(printed.splitlines()) >= 5
+
+
+def test_simulate_evaluates_64_paired_samples_by_default():
+    from d3po_core.__main__ import SimulateArgs
+
+    assert 4 * spec(SimulateArgs, "eval_seeds").default >= 64  # the first 4 prompts × seeds
 
 
 @pytest.mark.parametrize("method", ["ddpo", "p3o"])

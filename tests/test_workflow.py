@@ -65,9 +65,18 @@ def test_round_commits_adapter_and_metrics_then_needs_new_picks(pipe, session):
     assert (session.round_path(1) / "pytorch_lora_weights.safetensors").is_file()
     with pytest.raises(NoPicksError, match="no new picks"):
         train_round(pipe, session, D3POConfig())
-    # replay trains on all picks again
-    round_id, _ = train_round(pipe, session, D3POConfig(epochs=1, batch_size=4, replay=True))
-    assert round_id == 2
+    with pytest.raises(NoPicksError, match="no new picks"):  # replay needs new picks too
+        train_round(pipe, session, D3POConfig(replay=True))
+    # replay adds as many earlier picks as there are new ones (all when fewer)
+    grid_id, _ = generate(pipe, session, "a red circle", FAST, seed=3)
+    label_with_scorer(session, grid_id, jpeg_compressibility)
+    round_id, metrics = train_round(pipe, session, D3POConfig(epochs=1, batch_size=4, replay=True))
+    assert round_id == 2 and metrics["picks"] == 2
+    for seed in (4, 5, 6):
+        grid_id, _ = generate(pipe, session, "a red circle", FAST, seed=seed)
+        label_with_scorer(session, grid_id, jpeg_compressibility)
+    _, metrics = train_round(pipe, session, D3POConfig(epochs=1, batch_size=4, replay=True))
+    assert metrics["picks"] == 6  # 3 new + all 3 earlier
 
 
 def test_activate_and_roll_back(pipe, tiny_eps, session):

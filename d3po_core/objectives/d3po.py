@@ -135,7 +135,11 @@ class PickSettings(RoundSettings):
         "best-worst",
         help="best-worst: one pair a pick; implied: also best > others > worst (2N−3 pairs).",
     )
-    replay: bool = setting(False, help="Train on all picks so far, not only the new ones.")
+    replay: bool = setting(
+        False,
+        help="Also train on as many earlier picks as there are new ones, drawn at random "
+        "(a round then costs at most twice its new picks').",
+    )
 
 
 def pick_pairs(examples: list[Example], mode: PairMode) -> list[tuple[int, int, int]]:
