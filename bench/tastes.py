@@ -182,6 +182,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "accum4": ("d3po", {"grad_accum": 4}),
     "diffusion-dpo": ("diffusion-dpo", {}),
     "diffusion-dpo-replay": ("diffusion-dpo", {"replay": True}),
+    "diffusion-dpo-strong": (
+        "diffusion-dpo",
+        {"pairs": "implied", "noise_draws": 8, "replay": True, "epochs": 4},
+    ),
+    "sft-replay": ("sft", {"replay": True}),
     "d3po-replay": ("d3po", {"replay": True}),
 }
 
@@ -448,12 +453,11 @@ def compare(df: pd.DataFrame) -> str:
             falls.append(float((-means.diff()).max()) if len(means) > 1 else 0.0)
         ctrl = g[(g["picks"] == CONTROL) & (g["round"] == last_round)]
         ctrl_means = ctrl.groupby("taste")["win_rate"].mean()
-        control = (
-            f"{ctrl_means.min():.2f}–{ctrl_means.max():.2f}" if len(ctrl_means) else "–"
-        )
+        control = f"{ctrl_means.min():.2f}–{ctrl_means.max():.2f}" if len(ctrl_means) else "–"
         secs = g["seconds"].median()
         lines.append(
-            f"| {variant} | " + " | ".join(cells)
+            f"| {variant} | "
+            + " | ".join(cells)
             + f" | {max(falls):.2f} | {control} | {secs:.0f} |"
         )
     return "\n".join(lines)

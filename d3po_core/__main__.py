@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import D3POError, RoundCancelled, SettingsError, report_unexpected
 from .settings import (
+    DEFAULT_METHOD,
     LoraSettings,
     ModelArgs,
     SampleSettings,
@@ -46,6 +47,15 @@ class LabelArgs(Settings):
 
 
 @dataclass
+class TrainArgs(Settings):
+    """Train"""
+
+    method: str = setting(
+        DEFAULT_METHOD, help="How to train on the picks: d3po, diffusion-dpo or sft."
+    )
+
+
+@dataclass
 class SimulateArgs(Settings):
     """Simulate"""
 
@@ -55,7 +65,9 @@ class SimulateArgs(Settings):
     )
     prompts: str = setting(help="A prompts file (one a line) or one prompt.")
     method: str = setting(
-        "d3po", help="How to train: d3po, or ddpo / p3o with the scorer as reward."
+        DEFAULT_METHOD,
+        help="How to train: d3po, diffusion-dpo or sft on the scorer's picks, or ddpo / p3o "
+        "with the scorer as reward.",
     )
     rounds: int = setting(3, low=1, high=1000, help="Rounds to run.")
     grids: int = setting(8, low=1, high=10_000, help="Grids a round.")
@@ -193,7 +205,7 @@ def cmd_train(parsed: tuple, given: set[str]) -> None:
     from .session import Session
     from .workflow import train_round
 
-    where, model, config, lora = parsed
+    where, model, _train, config, lora = parsed
     config = replace(config, lora=lora)
     with Session.open(where.session) as session:
         pipe = _load(model, session, device=model.device or PartialState().device)
@@ -319,10 +331,17 @@ def _simulate_options(argv: list[str]) -> tuple[type, ...]:
     return (SessionArgs, ModelArgs, SampleSettings, SimulateArgs, config, LoraSettings)
 
 
-def _d3po_config() -> type:
-    from .objectives.d3po import D3POConfig
-
-    return D3POConfig
+def _train_options(argv: list[str]) -> tuple[type, ...]:
+    """train's options: the chosen method's round settings (``--method``)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default=spec(TrainArgs, "method").default)
+    method = _method(pre.parse_known_args(argv)[0].method)
+    if method.inputs != "picks":
+        raise SettingsError(
+            f"train --method {method.name} needs rewards, not picks: use simulate --method "
+            f"{method.name} with a scorer"
+        )
+    return (SessionArgs, ModelArgs, TrainArgs, method.config, LoraSettings)
 
 
 COMMANDS = {
@@ -337,8 +356,8 @@ COMMANDS = {
         cmd_label,
     ),
     "train": Command(
-        "train one D3PO round on the new picks",
-        lambda argv: (SessionArgs, ModelArgs, _d3po_config(), LoraSettings),
+        "train one round on the new picks (D3PO by default)",
+        _train_options,
         cmd_train,
     ),
     "simulate": Command(

@@ -13,26 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from d3po_core import settings
 from d3po_core.errors import SettingsError
 from d3po_core.objectives.d3po import D3POConfig
+from d3po_core.objectives.diffusion_dpo import DiffusionDPOConfig
 from d3po_core.settings import SampleSettings, Spec, spec
 
 # -- which fields the studio shows ------------------------------------------------------------
 
-TRAIN_MAIN = (
-    "beta",
-    "learning_rate",
-    "epochs",
-    "pairs",
-    "reduction",
-    "reference",
-    "timestep_fraction",
-)
-TRAIN_ADVANCED = (
-    "replay",
-    "ratio_clip",
+_LOOP_ADVANCED = (
     "batch_size",
     "grad_accum",
     "max_grad_norm",
@@ -41,12 +33,53 @@ TRAIN_ADVANCED = (
     "lora.rank",
     "lora.alpha",
 )
-TRAIN_HIDDEN = {
+_LOOP_HIDDEN = {
     "seed": "fixes the order of a round's items for reproducible benchmarks (the CLI's "
     "--train-seed); picking it by hand changes nothing a labeler can judge",
     "lora.targets": "UNet module names: a wrong one fails the round, and only the first round "
     "of a session reads it",
 }
+
+
+@dataclass(frozen=True)
+class TrainForm:
+    """A training method's controls: its settings class, the fields in the main row, those
+    under "Advanced", and those left at their default on purpose (with the reason)."""
+
+    root: type
+    main: tuple[str, ...]
+    advanced: tuple[str, ...]
+    hidden: dict[str, str]
+
+    @property
+    def shown(self) -> tuple[str, ...]:
+        return self.main + self.advanced
+
+
+#: The methods on picks the studio trains, by registered name (the engine's default first).
+TRAIN_FORMS: dict[str, TrainForm] = {
+    "d3po": TrainForm(
+        D3POConfig,
+        ("beta", "learning_rate", "epochs", "pairs", "reduction", "reference", "timestep_fraction"),
+        ("replay", "ratio_clip", *_LOOP_ADVANCED),
+        _LOOP_HIDDEN,
+    ),
+    "diffusion-dpo": TrainForm(
+        DiffusionDPOConfig,
+        ("beta", "learning_rate", "epochs", "pairs", "replay", "noise_draws"),
+        _LOOP_ADVANCED,
+        {
+            **_LOOP_HIDDEN,
+            "timestep_fraction": "the noise-level loss trains fresh noise levels of the final "
+            "images (noise draws), not the recorded denoising steps",
+        },
+    ),
+}
+DEFAULT_METHOD = settings.DEFAULT_METHOD
+TRAIN_ROOT = TRAIN_FORMS[DEFAULT_METHOD].root
+TRAIN_MAIN = TRAIN_FORMS[DEFAULT_METHOD].main
+TRAIN_ADVANCED = TRAIN_FORMS[DEFAULT_METHOD].advanced
+TRAIN_HIDDEN = TRAIN_FORMS[DEFAULT_METHOD].hidden
 
 LABEL_MAIN = ("n",)
 SAMPLING = ("steps", "guidance", "eta", "shared_noise", "negative_prompt")
@@ -57,7 +90,7 @@ SAMPLING_HIDDEN = {
     "one latent size only",
 }
 
-TRAIN_ROOT, SAMPLE_ROOT = D3POConfig, SampleSettings
+SAMPLE_ROOT = SampleSettings
 NONE_CHOICE = "auto"  # an optional choice left to the engine (e.g. mixed precision)
 NONE_NUMBER = "off"  # an optional number that is not applied (e.g. ratio clipping)
 

@@ -16,6 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from d3po_core.errors import RoundCancelled
+from d3po_core.objectives import METHODS
 
 from . import controls, views
 from .controller import StudioController
@@ -173,16 +174,35 @@ class LabelPanel(_Panel):
 
 
 class TrainPanel(_Panel):
-    """Round settings (main and advanced), a progress bar with ETA, a live loss/accuracy plot.
+    """The method, its round settings (main and advanced), a progress bar with ETA, a live
+    loss/accuracy plot, and the round's result with a rollback offer when it warns.
 
-    A setting's widget is also an attribute by its name: ``panel.epochs.value = 1``.
+    A setting's widget of the chosen method is also an attribute by its name:
+    ``panel.epochs.value = 1``.
     """
 
     def __init__(self, ctl: StudioController) -> None:
         super().__init__(ctl)
-        self.settings, settings_box = _settings_box(
-            controls.TRAIN_ROOT, controls.TRAIN_MAIN, controls.TRAIN_ADVANCED, "Advanced"
+        self.method = widgets.Dropdown(
+            options=[(METHODS[name].summary, name) for name in controls.TRAIN_FORMS],
+            value=controls.DEFAULT_METHOD,
+            description="Method",
+            style={"description_width": "initial"},
         )
+        self.forms: dict[str, dict[str, widgets.Widget]] = {}
+        boxes = {}
+        for name, form in controls.TRAIN_FORMS.items():
+            self.forms[name], boxes[name] = _settings_box(
+                form.root, form.main, form.advanced, "Advanced"
+            )
+        self.settings = self.forms[self.method.value]
+        settings_box = widgets.VBox([self.method, boxes[self.method.value]])
+
+        def switch(change) -> None:
+            self.settings = self.forms[change["new"]]
+            settings_box.children = (self.method, boxes[change["new"]])
+
+        self.method.observe(switch, names="value")
         self.train_button = widgets.Button(description="Train a round", button_style="primary")
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="round")
         self.eta = widgets.Label("")
@@ -228,7 +248,7 @@ class TrainPanel(_Panel):
 
     def _train(self) -> tuple[int, dict]:
         values = {path: w.value for path, w in self.settings.items()}
-        config = controls.settings_from(controls.TRAIN_ROOT(), values)
+        config = controls.settings_from(controls.TRAIN_FORMS[self.method.value].root(), values)
         return self.ctl.train(config, on_progress=self._on_progress)
 
     def train(self) -> None:

@@ -17,6 +17,7 @@ import gradio as gr
 import pandas as pd
 
 from d3po_core.errors import RoundCancelled
+from d3po_core.objectives import METHODS
 from d3po_core.rounds import ProgressEvent
 
 from . import controls, views
@@ -170,14 +171,28 @@ def train_tab(ctl: StudioController, shared: Shared):
     Returns the train event, so that other tabs can refresh after it.
     """
     gr.Markdown("Settings start at safe defaults; the text under each says what it does.")
-    with gr.Row():
-        settings = {
-            p: controls.gradio_control(controls.TRAIN_ROOT, p, min_width=200)
-            for p in controls.TRAIN_MAIN
-        }
-    with gr.Accordion("Advanced", open=False), gr.Row():
-        for path in controls.TRAIN_ADVANCED:
-            settings[path] = controls.gradio_control(controls.TRAIN_ROOT, path, min_width=200)
+    method = gr.Radio(
+        [(METHODS[name].summary, name) for name in controls.TRAIN_FORMS],
+        value=controls.DEFAULT_METHOD,
+        label="Method",
+        elem_id="train-method",
+    )
+    forms: dict[str, dict[str, gr.components.Component]] = {}
+    groups = []
+    for name, form in controls.TRAIN_FORMS.items():
+        with gr.Group(visible=name == controls.DEFAULT_METHOD) as group:
+            with gr.Row():
+                found = {p: controls.gradio_control(form.root, p, min_width=200) for p in form.main}
+            with gr.Accordion("Advanced", open=False), gr.Row():
+                for path in form.advanced:
+                    found[path] = controls.gradio_control(form.root, path, min_width=200)
+        forms[name], groups = found, [*groups, group]
+    method.change(
+        lambda chosen: [gr.update(visible=name == chosen) for name in controls.TRAIN_FORMS],
+        [method],
+        groups,
+    )
+    inputs = {method} | {c for found in forms.values() for c in found.values()}
     with gr.Row():
         train_btn = gr.Button("Train a round", variant="primary", elem_id="train-btn")
         cancel_btn = gr.Button("Cancel", elem_id="cancel-btn")
@@ -192,8 +207,9 @@ def train_tab(ctl: StudioController, shared: Shared):
         rows: list[dict] = []
         rollback, target = gr.update(visible=False), None
         try:
-            values = {path: data[c] for path, c in settings.items()}
-            config = controls.settings_from(controls.TRAIN_ROOT(), values)
+            chosen = data[method]
+            values = {path: data[c] for path, c in forms[chosen].items()}
+            config = controls.settings_from(controls.TRAIN_FORMS[chosen].root(), values)
             for event in ctl.train_stream(config):
                 if not isinstance(event, ProgressEvent):
                     round_id, metrics = event
@@ -230,7 +246,7 @@ def train_tab(ctl: StudioController, shared: Shared):
     )
     rollback_btn.click(roll_back, [rollback_to], [train_status, rollback_btn], **GPU)
     outputs = [train_status, curve, shared.picks_count, rollback_btn, rollback_to]
-    return train_btn.click(train, set(settings.values()), outputs, **GPU)
+    return train_btn.click(train, inputs, outputs, **GPU)
 
 
 def compare_tab(ctl: StudioController, shared: Shared) -> None:

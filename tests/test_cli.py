@@ -97,6 +97,25 @@ def test_generate_label_train_export(tiny_eps, tmp_path, capsys):
         assert s.picks_df()["labeler"].tolist() == ["scorer", "scorer"]
 
 
+@pytest.mark.parametrize("method", ["diffusion-dpo", "sft"])
+def test_train_takes_another_method_on_picks(tiny_eps, tmp_path, method, capsys):
+    base = ["--session", str(tmp_path / "s")]
+    model = ["--model", str(tiny_eps)]
+    assert (
+        main(["generate", *base, *model, "--prompt", "a red circle", "--grids", "2", *SMALL]) == 0
+    )
+    assert main(["label", *base, "--scorer", "jpeg_incompressibility"]) == 0
+    args = ["train", *base, *model, "--method", method, "--noise-draws", "2", "--epochs", "1"]
+    assert main(args) == 0
+    assert "round 1 committed" in capsys.readouterr().out
+    with Session.open(tmp_path / "s", create=False) as session:
+        rounds = session.rounds_df()
+        assert rounds["setting_method"].tolist() == [method]
+        assert rounds["setting_noise_draws"].tolist() == [2]
+    assert main(["train", *base, *model, "--method", "ddpo"]) == 2  # rewards, not picks
+    assert "needs rewards" in capsys.readouterr().err
+
+
 def test_simulate_prints_a_table_and_writes_json(tiny_eps, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")

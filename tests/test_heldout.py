@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from d3po_core.objectives.d3po import D3POConfig, implicit_rewards, pick_agreement
-from d3po_core.sampling import sample_grid
 from d3po_core.session import Session
 from d3po_core.session.reports import heldout_df, heldout_warnings
 from d3po_core.workflow import generate, load_examples, train_round

@@ -16,7 +16,8 @@ from studio.panels import LabelPanel, TrainPanel
 
 TRAIN_SHOWN = controls.TRAIN_MAIN + controls.TRAIN_ADVANCED
 SAMPLE_SHOWN = controls.LABEL_MAIN + controls.SAMPLING
-SHOWN = [(controls.TRAIN_ROOT, p) for p in TRAIN_SHOWN] + [
+FORMS = controls.TRAIN_FORMS
+SHOWN = [(form.root, p) for form in FORMS.values() for p in form.shown] + [
     (controls.SAMPLE_ROOT, p) for p in SAMPLE_SHOWN
 ]
 
@@ -25,7 +26,7 @@ def _paths(cls: type, prefix: str = "") -> list[str]:
     """Every leaf setting of a settings class; nested settings by their dotted path."""
     paths = []
     for f in fields(cls):
-        if f.name == "lora" and cls is D3POConfig:
+        if f.name == "lora" and cls is not LoraSettings:
             paths += _paths(LoraSettings, "lora.")
         else:
             paths.append(prefix + f.name)
@@ -34,10 +35,9 @@ def _paths(cls: type, prefix: str = "") -> list[str]:
 
 @pytest.mark.parametrize(
     "root,shown,hidden",
-    [
-        (D3POConfig, TRAIN_SHOWN, controls.TRAIN_HIDDEN),
-        (SampleSettings, SAMPLE_SHOWN, controls.SAMPLING_HIDDEN),
-    ],
+    [(form.root, form.shown, form.hidden) for form in FORMS.values()]
+    + [(SampleSettings, SAMPLE_SHOWN, controls.SAMPLING_HIDDEN)],
+    ids=[*FORMS, "sampling"],
 )
 def test_every_setting_is_shown_once_or_hidden_with_a_reason(root, shown, hidden):
     assert sorted([*shown, *hidden]) == sorted(_paths(root))  # each exactly once, none unknown
@@ -50,7 +50,11 @@ def test_the_app_and_the_panels_show_every_shown_setting(ctl):
     for root, path in SHOWN:
         s = controls.field_spec(root, path)
         assert (s.label, s.help) in in_app, path
-    assert tuple(TrainPanel(ctl).settings) == TRAIN_SHOWN
+    panel = TrainPanel(ctl)
+    assert tuple(panel.settings) == TRAIN_SHOWN
+    for name, form in FORMS.items():
+        panel.method.value = name
+        assert tuple(panel.settings) == form.shown
     assert tuple(LabelPanel(ctl).sampling) == SAMPLE_SHOWN
 
 
@@ -85,8 +89,9 @@ def test_controls_carry_the_declared_label_help_bounds_and_choices(root, path):
 
 @pytest.mark.parametrize("make", [controls.gradio_control, controls.widget])
 def test_controls_left_alone_give_the_declared_defaults(make):
-    train = {p: make(controls.TRAIN_ROOT, p).value for p in TRAIN_SHOWN}
-    assert controls.settings_from(D3POConfig(), train) == D3POConfig()
+    for form in FORMS.values():
+        train = {p: make(form.root, p).value for p in form.shown}
+        assert controls.settings_from(form.root(), train) == form.root()
     sample = {p: make(controls.SAMPLE_ROOT, p).value for p in SAMPLE_SHOWN}
     assert controls.settings_from(SampleSettings(), sample) == SampleSettings()
 

@@ -35,6 +35,13 @@ METHODS: dict[str, Method] = {
             "Diffusion-DPO (noise-level loss) on best/worst picks",
         ),
         Method(
+            "sft",
+            diffusion_dpo.SFTConfig,
+            diffusion_dpo.SFTObjective,
+            "picks",
+            "supervised fine-tuning on the chosen images",
+        ),
+        Method(
             "ddpo", ddpo.DDPOConfig, ddpo.DDPOObjective, "rewards", "DDPO (PPO-clip) on rewards"
         ),
         Method("p3o", p3o.P3OConfig, p3o.P3OObjective, "rewards", "P3O (pairwise PPO) on rewards"),

@@ -120,6 +120,33 @@ class DiffusionDPOObjective(Objective):
         return {"picks": len(self.examples)}
 
 
+@dataclass
+class SFTConfig(PickSettings):
+    """Settings of one round of supervised fine-tuning on the chosen images."""
+
+    method: ClassVar[str] = "sft"
+
+    noise_draws: int = setting(
+        20, low=1, high=1000, help="Noise levels (t, ε) drawn for each chosen image in a round."
+    )
+
+
+class SFTObjective(DiffusionDPOObjective):
+    """The plain diffusion loss on each pick's best image (the grid's winner of every pair),
+    the worst unused: fine-tuning toward what the labeler chose, with no reference."""
+
+    def items(self) -> list[tuple[int, int, int, int]]:
+        winners = sorted({(e, win) for e, win, _lose in pick_pairs(self.examples, "best-worst")})
+        return [(e, win, win, d) for e, win in winners for d in range(self.config.noise_draws)]
+
+    def prepare(self, pipe, batches: list[Batch]) -> None:
+        """Nothing: the loss needs no reference."""
+
+    def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
+        err, _ = self._errors(pipe, batch)
+        return {"loss": err, "accuracy": torch.zeros_like(err), "error_w": err}
+
+
 def noise_level_rewards(pipe, examples: list, *, draws: int = 16, seed: int = 0) -> torch.Tensor:
     """The noise-level implicit reward of each pick's best and worst image, shape (picks, 2):
     −(e_θ − e_ref), the adapter's gain in denoising error over the base UNet, averaged over
