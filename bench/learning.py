@@ -19,20 +19,23 @@ import pandas as pd
 import runs
 from runs import spec
 
+from d3po_core.settings import DEFAULT_METHOD
+
 OBJECTIVES = {
     # scorer: (label, sign turning the score into JPEG kB, which way is better)
     "jpeg_compressibility": ("JPEG compressibility", -1.0, "lower is better"),
     "jpeg_incompressibility": ("JPEG incompressibility", 1.0, "higher is better"),
 }
-METHODS = ("d3po", "ddpo", "p3o")
+METHODS = ("d3po", "diffusion-dpo", "ddpo", "p3o")
 
 
 def specs(seeds: int, rounds: int) -> list[dict]:
+    """Each method at its defaults, and the default method on random picks (the control)."""
     return [
-        spec(method, objective, method, seed, rounds=rounds)
+        spec(variant, objective, method, seed, rounds=rounds)
+        for variant, method in [*((m, m) for m in METHODS), (runs.CONTROL, DEFAULT_METHOD)]
         for seed in range(seeds)
         for objective in OBJECTIVES
-        for method in METHODS
     ]
 
 
@@ -45,7 +48,7 @@ def frame(results: list[dict]) -> pd.DataFrame:
             rows.append(
                 {
                     "objective": r["objective"],
-                    "method": r["method"],
+                    "method": r["variant"],
                     "seed": r["seed"],
                     "images": row["images_sampled"],
                     "score": row["tuned_mean"],
@@ -72,6 +75,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
             kb_std=("kb", "std"),
             gain=("gain", "mean"),
             gain_std=("gain", "std"),
+            gain_min=("gain", "min"),
             win_rate=("win_rate", "mean"),
             win_rate_min=("win_rate", "min"),
         )
@@ -80,29 +84,36 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def gain_ratios(table: pd.DataFrame) -> dict[str, float]:
-    """D3PO's mean gain over DDPO's, per objective."""
+def gain_ratios(table: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """Each method on picks: its mean gain over DDPO's, per objective."""
     g = table.set_index(["objective", "method"])["gain"]
-    return {o: float(g[(o, "d3po")] / g[(o, "ddpo")]) for o in OBJECTIVES if (o, "ddpo") in g}
+    return {
+        (o, m): float(g[(o, m)] / g[(o, "ddpo")])
+        for o in OBJECTIVES
+        for m in ("d3po", "diffusion-dpo")
+        if (o, "ddpo") in g and (o, m) in g
+    }
 
 
 def markdown(table: pd.DataFrame, ratios: dict[str, float]) -> str:
     lines = [
         "| objective | method | seeds | base kB | tuned kB (mean ± sd) | change in kB (mean ± sd) "
-        "| win rate vs base (mean, min) |",
-        "|---|---|---|---|---|---|---|",
+        "| worst seed's change | win rate vs base (mean, min) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in table.itertuples():
         sign = OBJECTIVES[row.objective][1]
         lines.append(
             f"| {OBJECTIVES[row.objective][0]} | {row.method.upper()} | {row.seeds} "
             f"| {row.base_kb:.3f} | {row.kb:.3f} ± {row.kb_std:.3f} "
-            f"| {sign * row.gain:+.3f} ± {row.gain_std:.3f} "
+            f"| {sign * row.gain:+.3f} ± {row.gain_std:.3f} | {sign * row.gain_min:+.3f} "
             f"| {row.win_rate:.2f}, {row.win_rate_min:.2f} |"
         )
     lines.append("")
-    for objective, ratio in ratios.items():
-        lines.append(f"Gain ratio D3PO / DDPO, {OBJECTIVES[objective][0]}: **{ratio:.2f}**")
+    for (objective, method), ratio in ratios.items():
+        lines.append(
+            f"Gain ratio {method.upper()} / DDPO, {OBJECTIVES[objective][0]}: **{ratio:.2f}**"
+        )
     return "\n".join(lines)
 
 
@@ -113,13 +124,21 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(OBJECTIVES), figsize=(5.2 * len(OBJECTIVES), 3.8))
-    colours = {"d3po": "tab:blue", "ddpo": "tab:orange", "p3o": "tab:green"}
+    colours = {
+        "d3po": "tab:blue",
+        "diffusion-dpo": "tab:purple",
+        "ddpo": "tab:orange",
+        "p3o": "tab:green",
+        runs.CONTROL: "gray",
+    }
     for ax, (objective, (label, _sign, better)) in zip(axes, OBJECTIVES.items(), strict=True):
         part = df[df["objective"] == objective]
         if part.empty:
             continue
-        for method in METHODS:
+        for method in (*METHODS, runs.CONTROL):
             m = part[part["method"] == method].groupby("images")["kb"]
+            if m.ngroups == 0:
+                continue
             mean, std = m.mean(), m.std().fillna(0.0)
             lo, hi = m.min(), m.max()
             ax.plot(mean.index, mean, marker="o", color=colours[method], label=method.upper())

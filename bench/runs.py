@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from d3po_core.models import default_model, load_pipeline
@@ -32,7 +33,9 @@ PROMPTS = [
     for line in (ROOT / "examples" / "prompts.txt").read_text().splitlines()
     if line.strip() and not line.startswith("#")
 ]
-EVAL = EvalSet(PROMPTS[:4], [10_000 + i for i in range(8)])
+#: 4 prompts × 16 seeds: 64 paired samples, so a win rate moves in steps of 1/64
+EVAL = EvalSet(PROMPTS[:4], [10_000 + i for i in range(16)])
+CONTROL = "random"
 IMAGES_PER_ROUND = 32
 
 
@@ -115,13 +118,26 @@ class Run:
         }
 
 
+def random_labeler(seed: int):
+    """The control's labeler: each call a uniform random value (seeded, by call order), so a
+    grid's best and worst are uniformly random and distinct."""
+    rng = np.random.default_rng(seed)
+
+    def score(image, prompt: str = "") -> float:
+        return float(rng.random())
+
+    return score
+
+
 def run_one(s: dict, out: Path, model: str | None) -> dict:
-    """Run a spec (or read its cached result) and return the result."""
+    """Run a spec (or read its cached result) and return the result; a spec whose variant is
+    CONTROL picks at random and is evaluated by its objective."""
     path = out / f"{s['id']}.json"
     if path.exists():
         return json.loads(path.read_text())
     run = Run.of(s, model)
-    result = run.result(table=run.simulate(load_scorer(s["objective"]), EVAL))
+    labeler = random_labeler(s["seed"]) if s["variant"] == CONTROL else None
+    result = run.result(table=run.simulate(load_scorer(s["objective"]), EVAL, labeler=labeler))
     save_result(path, result)
     return result
 

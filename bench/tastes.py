@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import runs
 from PIL import Image
-from runs import EVAL, spec
+from runs import CONTROL, EVAL, random_labeler, spec
 
 from d3po_core.models import base_model, default_model
 from d3po_core.sampling import SampleSettings, sample_grid
@@ -150,24 +150,12 @@ TASTES: dict[str, tuple[Scorer, str]] = {
     "roundness": (roundness, "round shapes: IoU with the equal-area disc"),
     "detail": (detail, "texture: mean abs Laplacian / 255 off the outline"),
 }
-CONTROL = "random"
-
-
-def random_labeler(seed: int) -> Scorer:
-    """The control's labeler: each call a uniform random value (seeded, by call order), so a
-    grid's best and worst are uniformly random and distinct."""
-    rng = np.random.default_rng(seed)
-
-    def score(image: Image.Image, prompt: str = "") -> float:
-        return float(rng.random())
-
-    return score
 
 
 # ---------------------------------------------------------------------------------------------
 # Runs
 
-EVAL_SET = EvalSet(list(EVAL.prompts), [10_000 + i for i in range(16)])
+EVAL_SET = EVAL
 #: simulate() measures its labeler itself; the tastes are measured here on EVAL_SET instead,
 #: so its own evaluation is cut to one image (a random labeler has nothing to measure).
 _SIM_EVAL = EvalSet(EVAL.prompts[:1], EVAL.seeds[:1])
@@ -178,20 +166,22 @@ _BASE_CACHE: dict[tuple, dict[str, list[float]]] = {}
 VARIANTS: dict[str, tuple[str, dict]] = {
     "d3po": ("d3po", {}),
     "implied": ("d3po", {"pairs": "implied", "timestep_fraction": 0.25}),
-    "implied-replay": ("d3po", {"pairs": "implied", "timestep_fraction": 0.25, "replay": True}),
-    "accum4": ("d3po", {"grad_accum": 4}),
-    "diffusion-dpo": ("diffusion-dpo", {}),
+    "diffusion-dpo": ("diffusion-dpo", {"replay": False}),
     "diffusion-dpo-replay": ("diffusion-dpo", {"replay": True}),
     "diffusion-dpo-strong": (
         "diffusion-dpo",
         {"pairs": "implied", "noise_draws": 8, "replay": True, "epochs": 4},
+    ),
+    "diffusion-dpo-implied": (
+        "diffusion-dpo",
+        {"pairs": "implied", "noise_draws": 4, "replay": True},
     ),
     "sft-replay": ("sft", {"replay": True}),
     "d3po-replay": ("d3po", {"replay": True}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults
-DEFAULT_VARIANT = "d3po"
+DEFAULT_VARIANT = "diffusion-dpo-replay"
 
 
 def specs(seeds: int, rounds: int) -> list[dict]:
@@ -438,8 +428,9 @@ def compare(df: pd.DataFrame) -> str:
     part = part[part["images"] > 0]
     last_round = part["round"].max()
     lines = [
-        "| variant | " + " | ".join(TASTES) + " | worst fall | random picks (control) | s/round |",
-        "|---|" + "---|" * (len(TASTES) + 3),
+        "| variant | seeds | " + " | ".join(TASTES) + " | mean | worst fall | random picks "
+        "(control) | held-out agreement: own picks, control | s/round |",
+        "|---|---|" + "---|" * (len(TASTES) + 5),
     ]
     for variant, g in part.groupby("variant", sort=False):
         cells, falls = [], []
@@ -455,10 +446,20 @@ def compare(df: pd.DataFrame) -> str:
         ctrl_means = ctrl.groupby("taste")["win_rate"].mean()
         control = f"{ctrl_means.min():.2f}–{ctrl_means.max():.2f}" if len(ctrl_means) else "–"
         secs = g["seconds"].median()
+        own_last = g[(g["picks"] == "taste") & (g["round"] == last_round)]
+        finals = own_last.groupby("taste")["win_rate"].mean()
+        held = [
+            g[g["picks"] == picks]
+            .drop_duplicates(["labeler", "seed", "round"])["heldout"]
+            .dropna()
+            .astype(float)
+            for picks in ("taste", CONTROL)
+        ]
+        held_text = ", ".join(f"{h.mean():.2f}" if len(h) else "–" for h in held)
         lines.append(
-            f"| {variant} | "
+            f"| {variant} | {g['seed'].nunique()} | "
             + " | ".join(cells)
-            + f" | {max(falls):.2f} | {control} | {secs:.0f} |"
+            + f" | {finals.mean():.2f} | {max(falls):.2f} | {control} | {held_text} | {secs:.0f} |"
         )
     return "\n".join(lines)
 

@@ -74,6 +74,7 @@ def simulate(
     on_round: Callable[[dict], None] | None = None,
     on_measured: Callable[[dict], None] | None = None,
     heldout_last: bool = True,
+    labeler: Scorer | None = None,
 ) -> list[dict]:
     """Run ``rounds`` of (``grids`` grids → scorer → one round); one table row a round.
 
@@ -87,7 +88,11 @@ def simulate(
     row as soon as it is made (the pipeline then holds the row's model), ``on_measured`` once
     its held-out agreement is known too; for the last row ``heldout_last`` labels one more
     round of grids, measures, and leaves those picks untrained in the session.
+
+    ``labeler`` picks (or rewards) in the scorer's place while the scorer still evaluates:
+    e.g. random picks, the control that shows what training moves on its own.
     """
+    labeler = labeler or scorer
     with base_model(pipe.unet):
         base_scores = evaluate(pipe, scorer, eval_set, settings)
     start_scores = (
@@ -124,10 +129,10 @@ def simulate(
             sampled += settings.n
             if on_rewards:
                 rewarded.append(
-                    (grid_id, score_images(scorer, grid.images, grid.trajectory.prompt))
+                    (grid_id, score_images(labeler, grid.images, grid.trajectory.prompt))
                 )
             else:
-                label_with_scorer(session, grid_id, scorer)
+                label_with_scorer(session, grid_id, labeler)
             if on_grid is not None:
                 on_grid(g + 1, grids)
         return rewarded

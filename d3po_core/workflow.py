@@ -12,8 +12,9 @@ from collections.abc import Callable, Sequence
 from .errors import NoPicksError
 from .models import load_lora, remove_lora, save_lora
 from .objectives import method_of
-from .objectives.d3po import D3POConfig, Example, pick_agreement
+from .objectives.d3po import D3POConfig, Example
 from .objectives.ddpo import RewardExample
+from .objectives.implicit import pick_agreement
 from .rounds import ProgressEvent, RoundResult, run_round
 from .sampling import Grid, SampleSettings, Trajectory, sample_grid
 from .scorers import Scorer, score_images, scripted_pick
@@ -116,17 +117,14 @@ def load_examples(
 def heldout_agreement(pipe, session: Session, new: list[Example]) -> dict:
     """How the adapter as it stands (the active round) ranks the new picks it was never
     trained on, as metrics of the round about to train on them: ``heldout_round`` (the round
-    measured), ``heldout_agreement``, ``heldout_picks`` and ``heldout_kl`` (its estimated KL
-    from the base model, nats per trajectory); empty on the base model."""
-    active = session.active_round
-    result = pick_agreement(pipe, new, active_round=active)
+    measured), ``heldout_agreement`` and ``heldout_picks``; empty on the base model."""
+    result = pick_agreement(pipe, new) if session.active_round is not None else None
     if result is None:
         return {}
     return {
-        "heldout_round": active,
+        "heldout_round": session.active_round,
         "heldout_agreement": result["agreement"],
         "heldout_picks": result["picks"],
-        "heldout_kl": result["kl"],
     }
 
 

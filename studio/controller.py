@@ -285,9 +285,10 @@ class StudioController:
         return rounds.merge(heldout, on="id", how="left")
 
     def round_warnings(self, round_id: int) -> tuple[list[str], int | None]:
-        """Warnings that round ``round_id``'s training raised on the round before it, and the
-        round to offer a rollback to (None: the base model)."""
-        return reports.heldout_warnings(self.session, round_id)
+        """Warnings on round ``round_id``, just trained (its held-out measure of the round
+        before it, its distance from the base), and the round to offer a rollback to (None:
+        the base model)."""
+        return reports.round_warnings(self.session, round_id)
 
     def picks(self) -> pd.DataFrame:
         return self.session.picks_df()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from d3po_core.models import default_model, load_pipeline
+from d3po_core.objectives import METHODS
 from d3po_core.objectives.d3po import D3POConfig
 from d3po_core.sampling import SampleSettings
 from d3po_core.session import Session
+from d3po_core.settings import DEFAULT_METHOD
 from d3po_core.simulate import EvalSet, simulate
 
 
@@ -33,3 +35,33 @@ def test_rounds_of_bright_preferences_make_images_brighter(tmp_path):
     base, last = table[0], table[-1]
     assert last["tuned_mean"] > base["base_mean"] + 5  # grey levels, out of 255
     assert last["win_rate"] >= 0.75
+
+
+def _held_out(scorer, root) -> list[float]:
+    """Held-out agreement of each of 2 rounds (12 grids a round) at the default settings."""
+    pipe = load_pipeline(default_model(), device="cpu")
+    with Session.open(root) as session:
+        table = simulate(
+            pipe,
+            session,
+            scorer,
+            ["a circle", "a square", "a shape on a black background"],
+            rounds=2,
+            grids=12,
+            settings=SampleSettings(n=4, steps=10, guidance=2.0),
+            config=METHODS[DEFAULT_METHOD].config(),
+            eval_set=EvalSet(["a circle"], [100]),
+        )
+    assert table[0]["heldout_agreement"] is None  # the base model ranks nothing
+    return [row["heldout_agreement"] for row in table[1:]]
+
+
+def test_held_out_agreement_follows_a_taste_and_not_random_picks(tmp_path):
+    """On 24 picks the rounds never saw, a taste's rounds rank most as it does; random
+    picks' rounds about half (a share of 24 coin flips has a spread of 0.10)."""
+    rng = np.random.default_rng(0)
+    taste = _held_out(brightness, tmp_path / "taste")
+    chance = _held_out(lambda image, prompt="": float(rng.random()), tmp_path / "random")
+    assert np.mean(taste) >= 0.65, taste
+    assert abs(np.mean(chance) - 0.5) <= 0.25, chance
+    assert np.mean(taste) >= np.mean(chance) + 0.2, (taste, chance)

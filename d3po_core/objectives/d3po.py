@@ -22,16 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SettingsError
-from ..models import base_model, has_lora, set_lora_enabled
+from ..models import set_lora_enabled
 from ..rounds import (
     Batch,
     Objective,
     log_probs_of,
     pair_rows,
-    recorded_log_probs,
     require_log_probs,
     select_steps,
-    settings_key,
 )
 from ..sampling import Trajectory
 from ..settings import RoundSettings, setting
@@ -235,67 +233,3 @@ class D3POObjective(Objective):
     def summary(self) -> dict:
         return {"picks": len(self.examples)}
 
-
-def implicit_rewards(
-    pipe, examples: list[Example], *, active_round: int | None, batch_rows: int = 64
-) -> torch.Tensor:
-    """D3PO's implicit reward of each pick's best and worst image, shape (picks, 2):
-    Σ_t log π_θ(x_{t−1}|x_t) − log π_base(x_{t−1}|x_t) over the whole trajectory, π_θ the
-    UNet with its adapter as it stands (``active_round``, the round it holds).
-
-    The policy's side reuses the log-probs recorded while sampling where the grid was drawn
-    by that same round; otherwise both sides go through the UNet (no gradient).
-    """
-    trajectories = [ex.trajectory for ex in examples]
-    rows = [
-        (e, idx, k)
-        for e, ex in enumerate(examples)
-        for idx in (ex.best, ex.worst)
-        for k in range(ex.trajectory.timesteps.numel())
-    ]
-    recorded = [t.adapter_round == active_round for t in trajectories]
-    policy = torch.zeros(len(rows), dtype=torch.float64)
-    base = torch.zeros(len(rows), dtype=torch.float64)
-    groups: dict[tuple, list[int]] = {}
-    for i, (e, _idx, _k) in enumerate(rows):
-        groups.setdefault(settings_key(trajectories[e]), []).append(i)
-    with torch.no_grad():
-        for key, members in groups.items():
-            for start in range(0, len(members), batch_rows):
-                chunk = members[start : start + batch_rows]
-                chunk_rows = [rows[i] for i in chunk]
-                own = [i for i in chunk if recorded[rows[i][0]]]
-                if own:
-                    policy[own] = recorded_log_probs(trajectories, [rows[i] for i in own]).double()
-                other = [i for i in chunk if not recorded[rows[i][0]]]
-                if other:
-                    other_rows = [rows[i] for i in other]
-                    policy[other] = log_probs_of(pipe, trajectories, key, other_rows).double().cpu()
-                with base_model(pipe.unet):
-                    base[chunk] = log_probs_of(pipe, trajectories, key, chunk_rows).double().cpu()
-    steps = [ex.trajectory.timesteps.numel() for ex in examples]
-    per_side = torch.split(policy - base, [s for s in steps for _ in range(2)])
-    return torch.stack([part.sum() for part in per_side]).reshape(len(examples), 2)
-
-
-def pick_agreement(
-    pipe, examples: list[Example], *, active_round: int | None
-) -> dict[str, float] | None:
-    """Held-out agreement: the share of picks whose best the adapter as it stands ranks above
-    their worst by the implicit reward (a tie counts half), on picks it was not trained on.
-
-    Returns ``{"agreement": share, "picks": n, "kl": nats}``, or None with no adapter (the
-    base model's implicit reward is 0 for every image) or no picks. ``kl`` is the mean
-    implicit reward of the picked images, which the adapter itself sampled: an estimate of
-    its KL divergence from the base model per trajectory.
-    """
-    if not examples or active_round is None or not has_lora(pipe.unet):
-        return None
-    rewards = implicit_rewards(pipe, examples, active_round=active_round)
-    margin = rewards[:, 0] - rewards[:, 1]
-    wins = (margin > 0).double() + 0.5 * (margin == 0).double()
-    return {
-        "agreement": float(wins.mean()),
-        "picks": len(examples),
-        "kl": float(rewards.mean()),
-    }

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from ..models import set_lora_enabled
 from ..rounds import Batch, Objective
-from ..sampling import guided_model_output
 from ..settings import setting
 from .d3po import PickSettings, pick_pairs
+from .implicit import denoising_error
 
 
 @dataclass
@@ -47,18 +47,12 @@ class DiffusionDPOConfig(PickSettings):
     noise_draws: int = setting(
         20, low=1, high=1000, help="Noise levels (t, ε) drawn for each pair in a round."
     )
-
-
-def denoising_error(pipe, latents: torch.Tensor, noise, timesteps, cond) -> torch.Tensor:
-    """Per-item mean squared error of the UNet's prediction on noised ``latents``."""
-    scheduler = pipe.scheduler
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    pred = guided_model_output(pipe.unet, noisy, timesteps, cond, None, 1.0)
-    return F.mse_loss(pred, target.float(), reduction="none").flatten(1).mean(1)
+    replay: bool = setting(
+        True,
+        help="Also train on as many earlier picks as there are new ones, drawn at random "
+        "(a round then costs at most twice its new picks'); on by default: it made rounds "
+        "build on each other in bench/tastes.py.",
+    )
 
 
 class DiffusionDPOObjective(Objective):
@@ -107,11 +101,14 @@ class DiffusionDPOObjective(Objective):
         err_w, err_l = self._errors(pipe, batch)
         gain_w = err_w - batch.cache["ref_w"]
         gain_l = err_l - batch.cache["ref_l"]
-        delta = -0.5 * self.config.beta * (gain_w - gain_l)
+        half = 0.5 * self.config.beta
+        delta = -half * (gain_w - gain_l)
         return {
             "loss": -F.logsigmoid(delta),
             "accuracy": (delta > 0).float(),
             "mean_delta": delta,
+            # as D3PO's: the mean square of each side's β-scaled log-ratio estimate
+            "kl": 0.25 * ((half * gain_w) ** 2 + (half * gain_l) ** 2),
             "error_w": err_w,
             "error_l": err_l,
         }
@@ -146,25 +143,3 @@ class SFTObjective(DiffusionDPOObjective):
         err, _ = self._errors(pipe, batch)
         return {"loss": err, "accuracy": torch.zeros_like(err), "error_w": err}
 
-
-def noise_level_rewards(pipe, examples: list, *, draws: int = 16, seed: int = 0) -> torch.Tensor:
-    """The noise-level implicit reward of each pick's best and worst image, shape (picks, 2):
-    −(e_θ − e_ref), the adapter's gain in denoising error over the base UNet, averaged over
-    ``draws`` noise levels (t, ε) shared by the pick's two images."""
-    config = DiffusionDPOConfig(noise_draws=draws, seed=seed)
-    objective = DiffusionDPOObjective(list(examples), config)
-    items = [(e, ex.best, ex.worst, d) for e, ex in enumerate(examples) for d in range(draws)]
-    gains = torch.zeros(len(examples), 2, dtype=torch.float64)
-    with torch.no_grad():
-        for start in range(0, len(items), 32):
-            batch = Batch(key=(), items=items[start : start + 32])
-            err_w, err_l = objective._errors(pipe, batch)
-            set_lora_enabled(pipe.unet, False)
-            try:
-                ref_w, ref_l = objective._errors(pipe, batch)
-            finally:
-                set_lora_enabled(pipe.unet, True)
-            for (e, *_), gw, gl in zip(batch.items, ref_w - err_w, ref_l - err_l, strict=True):
-                gains[e, 0] += float(gw) / draws
-                gains[e, 1] += float(gl) / draws
-    return gains

@@ -52,25 +52,23 @@ def win_rates(session: Session) -> pd.DataFrame:
 
 
 #: A round whose held-out agreement is below this, or fell by at least AGREEMENT_DROP from
-#: the round before it, gets a warning.
+#: the round measured before it, gets a warning.
 AGREEMENT_FLOOR = 0.5
 AGREEMENT_DROP = 0.2
-#: A round whose estimated KL from the base model grew by more than this factor over the
-#: round before it (and past KL_FLOOR nats) gets a warning.
-KL_JUMP = 3.0
-KL_FLOOR = 10.0
+#: A round whose training moved its pairs' log-ratios (the round's ``kl`` metric) more than
+#: KL_JUMP times as far as the round before it did gets a warning.
+KL_JUMP = 4.0
 
 
 def heldout_df(session: Session) -> pd.DataFrame:
     """Held-out agreement per round: how each round ranked the picks made after it, before
     any round trained on them (measured when the next round trains).
 
-    Columns: round, agreement, picks, kl (estimated KL from the base model, nats per
-    trajectory), measured_by (the round whose training measured it). Rounds not measured yet
-    (the newest, until the next round trains) have no row.
+    Columns: round, agreement, picks, measured_by (the round whose training measured it).
+    Rounds not measured yet (the newest, until the next round trains) have no row.
     """
     rounds = session.rounds_df()
-    columns = ["round", "agreement", "picks", "kl", "measured_by"]
+    columns = ["round", "agreement", "picks", "measured_by"]
     if "metric_heldout_round" not in rounds:
         return pd.DataFrame(columns=columns)
     measured = rounds.dropna(subset=["metric_heldout_round"])
@@ -79,50 +77,60 @@ def heldout_df(session: Session) -> pd.DataFrame:
             "round": measured["metric_heldout_round"].astype("int64"),
             "agreement": measured["metric_heldout_agreement"].astype(float),
             "picks": measured["metric_heldout_picks"].astype("int64"),
-            "kl": measured["metric_heldout_kl"].astype(float),
             "measured_by": measured["id"].astype("int64"),
         },
         columns=columns,
     ).reset_index(drop=True)
 
 
-def heldout_warnings(session: Session, measured_by: int) -> tuple[list[str], int | None]:
-    """Plain-words warnings on the round that round ``measured_by``'s training measured, and
-    the round to offer a rollback to (the one before it; None = the base model)."""
-    records = heldout_df(session).to_dict("records")
-    this = [r for r in records if r["measured_by"] == measured_by]
-    if not this:
-        return [], None
-    row = this[-1]
-    earlier = [r for r in records if r["round"] < row["round"]]
-    before = earlier[-1] if earlier else None
+def round_warnings(session: Session, round_id: int) -> tuple[list[str], int | None]:
+    """Plain-words warnings after round ``round_id`` trained, and the round to offer a
+    rollback to (None: the base model).
+
+    - its training measured the round before it (the one the new picks were labeled on) and
+      found its held-out agreement below AGREEMENT_FLOOR, or AGREEMENT_DROP under the round
+      measured before that: roll back to the round before the measured one;
+    - it moved its log-ratios (``kl``) over KL_JUMP times as far as the round before it:
+      roll back to that round.
+    """
     rounds = session.rounds_df()
-    older = rounds[rounds["id"] < row["round"]]["id"]
-    fallback = int(older.iloc[-1]) if len(older) else None
-    target = f"round {fallback}" if fallback is not None else "the base model"
-    share = f"{round(row['agreement'] * row['picks'])} of your {row['picks']} new picks"
-    warnings = []
-    if row["agreement"] < AGREEMENT_FLOOR:
-        warnings.append(
-            f"Round {row['round']} ranked only {share} the way you did "
-            f"({row['agreement']:.0%}): it may have moved away from your taste. "
-            f"If its grids looked worse, roll back to {target}."
-        )
-    elif before is not None and row["agreement"] <= before["agreement"] - AGREEMENT_DROP:
-        warnings.append(
-            f"Round {row['round']} ranked {share} the way you did ({row['agreement']:.0%}), "
-            f"fewer than round {before['round']} ({before['agreement']:.0%}). "
-            f"If its grids looked worse, roll back to {target}."
-        )
-    if (
-        before is not None
-        and row["kl"] > KL_FLOOR
-        and row["kl"] > KL_JUMP * max(before["kl"], KL_FLOOR / KL_JUMP)
-    ):
-        warnings.append(
-            f"Round {row['round']} moved much further from the base model than round "
-            f"{before['round']} (KL {row['kl']:.0f} vs {before['kl']:.0f} nats): its images "
-            f"may lose variety. A lower learning rate or fewer epochs keeps rounds closer; "
-            f"roll back to {target} if they look worse."
-        )
-    return warnings, fallback
+    ids = rounds["id"].tolist()
+    warnings: list[str] = []
+    target: int | None = None
+    records = heldout_df(session).to_dict("records")
+    this = [r for r in records if r["measured_by"] == round_id]
+    if this:
+        row = this[-1]
+        earlier = [r for r in records if r["round"] < row["round"]]
+        before = earlier[-1] if earlier else None
+        older = [i for i in ids if i < row["round"]]
+        fallback = older[-1] if older else None
+        where = f"round {fallback}" if fallback is not None else "the base model"
+        share = f"{round(row['agreement'] * row['picks'])} of your {row['picks']} new picks"
+        if row["agreement"] < AGREEMENT_FLOOR:
+            warnings.append(
+                f"Round {row['round']} ranked only {share} the way you did "
+                f"({row['agreement']:.0%}): it may have moved away from your taste. "
+                f"If its grids looked worse, roll back to {where}."
+            )
+            target = fallback
+        elif before is not None and row["agreement"] <= before["agreement"] - AGREEMENT_DROP:
+            warnings.append(
+                f"Round {row['round']} ranked {share} the way you did "
+                f"({row['agreement']:.0%}), fewer than round {before['round']} "
+                f"({before['agreement']:.0%}). If its grids looked worse, roll back to {where}."
+            )
+            target = fallback
+    if "metric_kl" in rounds and round_id in ids and ids.index(round_id) > 0:
+        kl = rounds.set_index("id")["metric_kl"]
+        previous = ids[ids.index(round_id) - 1]
+        now, then = kl.get(round_id), kl.get(previous)
+        if pd.notna(now) and pd.notna(then) and now > KL_JUMP * then > 0:
+            warnings.append(
+                f"Round {round_id} moved the model {now / then:.0f}× as far from the base as "
+                f"round {previous} did: its images may lose variety. A lower learning rate or "
+                f"fewer epochs keeps rounds closer; roll back to round {previous} if they look "
+                "worse."
+            )
+            target = previous if target is None else target
+    return warnings, target
