@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from d3po_core.objectives import METHODS
 from d3po_core.objectives.d3po import D3POConfig
+from d3po_core.settings import DEFAULT_METHOD
 from studio.panels import ComparePanel, HistoryPanel, LabelPanel, TrainPanel
 
 from .conftest import FAST
@@ -30,6 +32,15 @@ def test_label_train_compare_history_by_clicks(ctl):
     assert "Round 1 saved" in train.status.value
     assert train.progress.value == train.progress.max > 0 and train.history
 
+    # a second round first measures round 1 on the picks made after it
+    label.generate_button.click()
+    label.choose(1, 2)
+    label.save_button.click()
+    train.train_button.click()
+    assert "Round 2 saved" in train.status.value
+    assert "Held-out agreement of round 1: it ranked" in train.status.value
+    assert "of your 1 new picks" in train.status.value
+
     compare = ComparePanel(ctl, labeler="ana")
     compare.pair_button.click()
     assert compare.left.value and compare.right.value
@@ -37,7 +48,7 @@ def test_label_train_compare_history_by_clicks(ctl):
     assert "Left was" in compare.status.value and "win_rate" in compare.rates.value
 
     history = HistoryPanel(ctl)
-    assert "round 1" in str(history.round.options)
+    assert "round 1" in str(history.round.options) and "heldout_agreement" in history.tables.value
     history.round.value = None
     history.activate_button.click()
     assert ctl.session.active_round is None and "Base model active" in history.status.value
@@ -54,4 +65,6 @@ def test_panels_show_clear_messages(ctl):
     compare = ComparePanel(ctl)
     compare.pair_button.click()
     assert "Train a round first" in compare.status.value
-    assert D3POConfig().epochs == train.epochs.value
+    assert METHODS[DEFAULT_METHOD].config().epochs == train.epochs.value
+    train.method.value = "d3po"
+    assert D3POConfig().beta == train.beta.value

@@ -53,10 +53,10 @@ def test_app_generate_shows_a_user_error_and_logs_an_unexpected_one(ctl, monkeyp
 
 def test_app_train_shows_a_user_error_and_logs_an_unexpected_one(ctl, monkeypatch):
     train, data, _ = _callback(build_app(ctl), "train")
-    said, _, _ = list(train(data))[-1]
+    said, *_ = list(train(data))[-1]
     assert said.startswith("⚠️") and "label some grids" in said and _log(ctl) == ""
     monkeypatch.setattr("d3po_core.workflow.train_round", _boom)
-    said, _, _ = list(train(data))[-1]
+    said, *_ = list(train(data))[-1]
     _assert_logged(ctl, said)
 
 
@@ -75,6 +75,7 @@ def test_panels_show_a_short_line_and_log_an_unexpected_error(ctl, monkeypatch, 
 
 def test_panel_settings_out_of_bounds_are_a_clear_message(ctl):
     panel = TrainPanel(ctl)
+    panel.method.value = "d3po"
     panel.settings["ratio_clip"].value = "tight"
     panel.train_button.click()
     assert panel.status.value == "⚠️ ratio clip must be a number, not 'tight'"
