@@ -26,7 +26,7 @@ OBJECTIVES = {
     "jpeg_compressibility": ("JPEG compressibility", -1.0, "lower is better"),
     "jpeg_incompressibility": ("JPEG incompressibility", 1.0, "higher is better"),
 }
-METHODS = ("d3po", "diffusion-dpo", "ddpo", "p3o")
+METHODS = ("d3po", "diffusion-dpo", "ddpo")
 
 
 def specs(seeds: int, rounds: int) -> list[dict]:

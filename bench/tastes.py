@@ -164,8 +164,8 @@ _BASE_CACHE: dict[tuple, dict[str, list[float]]] = {}
 
 #: variant -> (method, config overrides): the candidates measured for the defaults
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "d3po": ("d3po", {}),
-    "implied": ("d3po", {"pairs": "implied", "timestep_fraction": 0.25}),
+    "d3po": ("d3po", {"replay": False}),
+    "implied": ("d3po", {"pairs": "implied", "timestep_fraction": 0.25, "replay": False}),
     "diffusion-dpo": ("diffusion-dpo", {"replay": False}),
     "diffusion-dpo-replay": ("diffusion-dpo", {"replay": True}),
     "diffusion-dpo-strong": (

@@ -134,9 +134,9 @@ class PickSettings(RoundSettings):
         help="best-worst: one pair a pick; implied: also best > others > worst (2N−3 pairs).",
     )
     replay: bool = setting(
-        False,
-        help="Also train on as many earlier picks as there are new ones, drawn at random "
-        "(a round then costs at most twice its new picks').",
+        True,
+        help="Also train on as many earlier picks as there are new ones, drawn at random, so "
+        "rounds build on each other (a round then costs at most twice its new picks').",
     )
 
 
@@ -232,4 +232,3 @@ class D3POObjective(Objective):
 
     def summary(self) -> dict:
         return {"picks": len(self.examples)}
-

@@ -47,12 +47,6 @@ class DiffusionDPOConfig(PickSettings):
     noise_draws: int = setting(
         20, low=1, high=1000, help="Noise levels (t, ε) drawn for each pair in a round."
     )
-    replay: bool = setting(
-        True,
-        help="Also train on as many earlier picks as there are new ones, drawn at random "
-        "(a round then costs at most twice its new picks'); on by default: it made rounds "
-        "build on each other in bench/tastes.py.",
-    )
 
 
 class DiffusionDPOObjective(Objective):
@@ -142,4 +136,3 @@ class SFTObjective(DiffusionDPOObjective):
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
         err, _ = self._errors(pipe, batch)
         return {"loss": err, "accuracy": torch.zeros_like(err), "error_w": err}
-
