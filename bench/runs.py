@@ -88,13 +88,14 @@ class Run:
         config = METHODS[s["method"]].config(**{**s["config"], "seed": s["seed"]})
         return cls(s, pipe, settings, config, IMAGES_PER_ROUND // settings.n)
 
-    def simulate(self, labeler, eval_set: EvalSet, **kwargs) -> list[dict]:
-        """The spec's rounds in a throw-away session, labeled by ``labeler``."""
+    def simulate(self, scorer, eval_set: EvalSet, **kwargs) -> list[dict]:
+        """The spec's rounds in a throw-away session, labeled and evaluated by ``scorer``
+        (``labeler=`` labels instead; see :func:`d3po_core.simulate.simulate`)."""
         with tempfile.TemporaryDirectory() as tmp, Session.open(Path(tmp) / "s") as session:
             return simulate(
                 self.pipe,
                 session,
-                labeler,
+                scorer,
                 PROMPTS,
                 rounds=self.spec["rounds"],
                 grids=self.grids,

@@ -162,12 +162,13 @@ _SIM_EVAL = EvalSet(EVAL.prompts[:1], EVAL.seeds[:1])
 _BASE_CACHE: dict[tuple, dict[str, list[float]]] = {}
 
 
+_DDPO_ONE_PAIR = {"pairs": "best-worst", "noise_draws": 20}
 #: variant -> (method, config overrides): the candidates measured for the defaults
 VARIANTS: dict[str, tuple[str, dict]] = {
     "d3po": ("d3po", {"replay": False}),
     "implied": ("d3po", {"pairs": "implied", "timestep_fraction": 0.25, "replay": False}),
-    "diffusion-dpo": ("diffusion-dpo", {"replay": False}),
-    "diffusion-dpo-replay": ("diffusion-dpo", {"replay": True}),
+    "diffusion-dpo": ("diffusion-dpo", {**_DDPO_ONE_PAIR, "replay": False}),
+    "diffusion-dpo-replay": ("diffusion-dpo", {**_DDPO_ONE_PAIR, "replay": True}),
     "diffusion-dpo-strong": (
         "diffusion-dpo",
         {"pairs": "implied", "noise_draws": 8, "replay": True, "epochs": 4},
@@ -181,7 +182,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults
-DEFAULT_VARIANT = "diffusion-dpo-replay"
+DEFAULT_VARIANT = "diffusion-dpo-implied"
 
 
 def specs(seeds: int, rounds: int) -> list[dict]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..models import set_lora_enabled
 from ..rounds import Batch, Objective
 from ..settings import setting
-from .d3po import PickSettings, pick_pairs
+from .d3po import PairMode, PickSettings, pick_pairs
 from .implicit import denoising_error
 
 
@@ -45,7 +45,16 @@ class DiffusionDPOConfig(PickSettings):
         "value for SD 1.5).",
     )
     noise_draws: int = setting(
-        20, low=1, high=1000, help="Noise levels (t, ε) drawn for each pair in a round."
+        4,
+        low=1,
+        high=1000,
+        help="Noise levels (t, ε) drawn for each pair in a round (4 with implied pairs: 20 a "
+        "pick on a 4-grid).",
+    )
+    pairs: PairMode = setting(
+        "implied",
+        help="best-worst: one pair a pick; implied: also best > others > worst (2N−3 pairs), "
+        "the default: every image of the grid teaches something.",
     )
 
 
