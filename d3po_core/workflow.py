@@ -11,15 +11,15 @@ from collections.abc import Callable, Sequence
 
 from .errors import NoPicksError
 from .models import load_lora, remove_lora, save_lora
-from .objectives import method_of
-from .objectives.d3po import D3POConfig, Example
+from .objectives import METHODS, method_of
+from .objectives.d3po import Example
 from .objectives.ddpo import RewardExample
 from .objectives.implicit import pick_agreement
 from .rounds import ProgressEvent, RoundResult, run_round
 from .sampling import Grid, SampleSettings, Trajectory, sample_grid
 from .scorers import Scorer, score_images, scripted_pick
 from .session import Session
-from .settings import RoundSettings, check_prompt
+from .settings import DEFAULT_METHOD, RoundSettings, check_prompt
 
 
 def activate(pipe, session: Session, round_id: int | None) -> None:
@@ -148,7 +148,7 @@ def train_round(
     (round id None elsewhere). A cancelled or failed round commits nothing and leaves the
     adapter unchanged.
     """
-    config = config or D3POConfig()
+    config = config or METHODS[DEFAULT_METHOD].config()
     method = method_of(config)
     extra: dict = {}
     if method.inputs == "picks":

@@ -22,11 +22,10 @@ from PIL import Image
 from d3po_core import export, workflow
 from d3po_core.errors import D3POError, SettingsError, report_unexpected
 from d3po_core.models import base_model, default_model, load_lora, load_pipeline, remove_lora
-from d3po_core.objectives.d3po import D3POConfig
 from d3po_core.rounds import ProgressEvent
 from d3po_core.sampling import SampleSettings, sample_grid
 from d3po_core.session import Session, reports
-from d3po_core.settings import check_prompt
+from d3po_core.settings import RoundSettings, check_prompt
 
 
 class StudioError(D3POError):
@@ -177,11 +176,12 @@ class StudioController:
 
     def train(
         self,
-        config: D3POConfig | None = None,
+        config: RoundSettings | None = None,
         *,
         on_progress: Callable[[ProgressEvent], None] | None = None,
     ) -> tuple[int, dict]:
-        """Train one round on the picks since the last round; returns (round id, metrics)."""
+        """Train one round of the config's method (default: the engine's default method) on the
+        picks since the last round (and earlier ones with replay); returns (round id, metrics)."""
         self._cancel.clear()
         with self._job():
             round_id, metrics = workflow.train_round(
@@ -194,7 +194,7 @@ class StudioController:
         return round_id, metrics
 
     def train_stream(
-        self, config: D3POConfig | None = None
+        self, config: RoundSettings | None = None
     ) -> Iterator[ProgressEvent | tuple[int, dict]]:
         """:meth:`train` in a worker thread, as a stream for a UI thread: the round's progress
         events, then (round id, metrics). The round's error is raised here."""
