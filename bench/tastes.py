@@ -177,6 +177,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "diffusion-dpo",
         {"pairs": "implied", "noise_draws": 4, "replay": True},
     ),
+    "diffusion-dpo-lr3": (
+        "diffusion-dpo",
+        {"pairs": "implied", "noise_draws": 4, "replay": True, "learning_rate": 3e-3},
+    ),
     "sft-replay": ("sft", {"replay": True}),
     "d3po-replay": ("d3po", {"replay": True}),
 }

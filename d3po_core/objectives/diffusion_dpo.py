@@ -70,26 +70,34 @@ class DiffusionDPOObjective(Objective):
             for d in range(self.config.noise_draws)
         ]
 
-    def _errors(self, pipe, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Denoising errors of the winner and loser of each item, in one UNet call; an item's
-        (t, ε) is fixed by its index and the round's seed, so every pass sees the same ones."""
+    def _errors(
+        self, pipe, batch: Batch, sides: tuple[int, ...] = (1, 2)
+    ) -> tuple[torch.Tensor, ...]:
+        """Denoising errors of each item's images at ``sides`` (1: the winner, 2: the loser),
+        in one UNet call; an item's (t, ε) is fixed by its index and the round's seed, so
+        every pass sees the same ones and both sides share them."""
         device = pipe.unet.device
         num_train = pipe.scheduler.config.num_train_timesteps
-        lat_w, lat_l, noise, ts, cond = [], [], [], [], []
-        for e, win, lose, d in batch.items:
-            traj = self.trajectories[e]
-            final = traj.latents[:, -1]
-            gen = torch.Generator().manual_seed(hash((self.config.seed, e, win, lose, d)) % 2**62)
-            lat_w.append(final[win])
-            lat_l.append(final[lose])
-            noise.append(torch.randn(final.shape[1:], generator=gen))
-            ts.append(torch.randint(0, num_train, (), generator=gen))
-            cond.append(traj.prompt_embeds[0])
-        latents = torch.stack(lat_w + lat_l).to(device)
-        noise_t = torch.stack(noise + noise).to(device)
-        ts_t = torch.stack(ts + ts).to(device)
-        cond_t = torch.stack(cond + cond).to(device)
-        return denoising_error(pipe, latents, noise_t, ts_t, cond_t).chunk(2)
+        latents, noise, ts, cond = [], [], [], []
+        for side in sides:
+            for item in batch.items:
+                e, d = item[0], item[3]
+                traj = self.trajectories[e]
+                final = traj.latents[:, -1]
+                key = (self.config.seed, e, item[1], item[2], d)
+                gen = torch.Generator().manual_seed(hash(key) % 2**62)
+                latents.append(final[item[side]])
+                noise.append(torch.randn(final.shape[1:], generator=gen))
+                ts.append(torch.randint(0, num_train, (), generator=gen))
+                cond.append(traj.prompt_embeds[0])
+        errors = denoising_error(
+            pipe,
+            torch.stack(latents).to(device),
+            torch.stack(noise).to(device),
+            torch.stack(ts).to(device),
+            torch.stack(cond).to(device),
+        )
+        return errors.chunk(len(sides))
 
     def prepare(self, pipe, batches: list[Batch]) -> None:
         """The reference's errors, once, before any update."""
@@ -132,8 +140,8 @@ class SFTConfig(PickSettings):
 
 
 class SFTObjective(DiffusionDPOObjective):
-    """The plain diffusion loss on each pick's best image (the grid's winner of every pair),
-    the worst unused: fine-tuning toward what the labeler chose, with no reference."""
+    """The plain diffusion loss on each pick's best image, the worst unused: fine-tuning
+    toward what the labeler chose, with no reference. Items are (example, best, best, draw)."""
 
     def items(self) -> list[tuple[int, int, int, int]]:
         winners = sorted({(e, win) for e, win, _lose in pick_pairs(self.examples, "best-worst")})
@@ -143,5 +151,5 @@ class SFTObjective(DiffusionDPOObjective):
         """Nothing: the loss needs no reference."""
 
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
-        err, _ = self._errors(pipe, batch)
+        (err,) = self._errors(pipe, batch, sides=(1,))
         return {"loss": err, "accuracy": torch.zeros_like(err), "error_w": err}
