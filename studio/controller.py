@@ -280,7 +280,7 @@ class StudioController:
         """The rounds, each with its held-out agreement (``heldout_agreement``: how it ranked
         the picks made after it; empty until the next round has measured it)."""
         rounds = self.session.rounds_df()
-        heldout = reports.heldout_df(self.session)[["round", "agreement"]]
+        heldout = reports.heldout_of(rounds)[["round", "agreement"]]
         heldout = heldout.rename(columns={"round": "id", "agreement": "heldout_agreement"})
         return rounds.merge(heldout, on="id", how="left")
 

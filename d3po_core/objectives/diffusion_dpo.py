@@ -76,7 +76,6 @@ class DiffusionDPOObjective(Objective):
         """Denoising errors of each item's images at ``sides`` (1: the winner, 2: the loser),
         in one UNet call; an item's (t, ε) is fixed by its index and the round's seed, so
         every pass sees the same ones and both sides share them."""
-        device = pipe.unet.device
         num_train = pipe.scheduler.config.num_train_timesteps
         latents, noise, ts, cond = [], [], [], []
         for side in sides:
@@ -90,14 +89,7 @@ class DiffusionDPOObjective(Objective):
                 noise.append(torch.randn(final.shape[1:], generator=gen))
                 ts.append(torch.randint(0, num_train, (), generator=gen))
                 cond.append(traj.prompt_embeds[0])
-        errors = denoising_error(
-            pipe,
-            torch.stack(latents).to(device),
-            torch.stack(noise).to(device),
-            torch.stack(ts).to(device),
-            torch.stack(cond).to(device),
-        )
-        return errors.chunk(len(sides))
+        return denoising_error(pipe, latents, noise, ts, cond).chunk(len(sides))
 
     def prepare(self, pipe, batches: list[Batch]) -> None:
         """The reference's errors, once, before any update."""

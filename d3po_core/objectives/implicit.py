@@ -26,8 +26,20 @@ from ..models import base_model, has_lora
 from ..sampling import guided_model_output
 
 
-def denoising_error(pipe, latents: torch.Tensor, noise, timesteps, cond) -> torch.Tensor:
-    """Per-item mean squared error of the UNet's (unguided) prediction on noised ``latents``."""
+def denoising_error(
+    pipe,
+    latents: list[torch.Tensor],
+    noise: list[torch.Tensor],
+    timesteps: list[torch.Tensor],
+    cond: list[torch.Tensor],
+) -> torch.Tensor:
+    """Per-item mean squared error of the UNet's (unguided) prediction on noised latents, in
+    one UNet call; item i is ``latents[i]`` noised with ``noise[i]`` to ``timesteps[i]`` (a
+    0-d tensor), prompted by ``cond[i]``."""
+    device = pipe.unet.device
+    latents, noise, timesteps, cond = (
+        torch.stack(part).to(device) for part in (latents, noise, timesteps, cond)
+    )
     scheduler = pipe.scheduler
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
@@ -43,7 +55,6 @@ def image_rewards(
 ) -> torch.Tensor:
     """The implicit reward of each pick's best and worst image, shape (picks, 2), averaged
     over ``draws`` noise levels (stratified t, one ε shared by the pick's two images)."""
-    device = pipe.unet.device
     num_train = pipe.scheduler.config.num_train_timesteps
     items = [(e, d) for e in range(len(examples)) for d in range(draws)]
     rewards = torch.zeros(len(examples), 2, dtype=torch.float64)
@@ -59,14 +70,9 @@ def image_rewards(
                 t = int((d + torch.rand((), generator=gen).item()) / draws * num_train)
                 latents += [final[ex.best], final[ex.worst]]
                 noise += [eps, eps]
-                ts += [t, t]
+                ts += [torch.tensor(t)] * 2
                 cond += [ex.trajectory.prompt_embeds[0]] * 2
-            args = (
-                torch.stack(latents).to(device),
-                torch.stack(noise).to(device),
-                torch.tensor(ts, device=device),
-                torch.stack(cond).to(device),
-            )
+            args = (latents, noise, ts, cond)
             tuned = denoising_error(pipe, *args)
             with base_model(pipe.unet):
                 base = denoising_error(pipe, *args)

@@ -67,7 +67,11 @@ def heldout_df(session: Session) -> pd.DataFrame:
     Columns: round, agreement, picks, measured_by (the round whose training measured it).
     Rounds not measured yet (the newest, until the next round trains) have no row.
     """
-    rounds = session.rounds_df()
+    return heldout_of(session.rounds_df())
+
+
+def heldout_of(rounds: pd.DataFrame) -> pd.DataFrame:
+    """:func:`heldout_df` from a ``Session.rounds_df()`` already read."""
     columns = ["round", "agreement", "picks", "measured_by"]
     if "metric_heldout_round" not in rounds:
         return pd.DataFrame(columns=columns)
@@ -97,7 +101,7 @@ def round_warnings(session: Session, round_id: int) -> tuple[list[str], int | No
     ids = rounds["id"].tolist()
     warnings: list[str] = []
     target: int | None = None
-    records = heldout_df(session).to_dict("records")
+    records = heldout_of(rounds).to_dict("records")
     this = [r for r in records if r["measured_by"] == round_id]
     if this:
         row = this[-1]
