@@ -279,3 +279,22 @@ def base_model(unet: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         set_lora_enabled(unet, True)
+
+
+@contextlib.contextmanager
+def offloaded(pipe, enabled: bool = True) -> Iterator[None]:
+    """Within the block the VAE and text encoder(s) wait on the CPU: a round needs only the
+    UNet on the device (the prompts' embeddings are stored with the grids)."""
+    device = pipe.unet.device
+    names = ("vae", "text_encoder", "text_encoder_2")
+    modules = [m for m in (getattr(pipe, n, None) for n in names) if m is not None]
+    if not enabled or device.type == "cpu":
+        yield
+        return
+    for module in modules:
+        module.to("cpu")
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to(device)

@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch.utils.data import DataLoader, Sampler
 
 from .errors import NoPicksError, RoundCancelled, SettingsError
-from .models import add_lora, has_lora, lora_parameters, set_lora_enabled
+from .memory import MemoryPlan, plan_round
+from .models import add_lora, has_lora, lora_parameters, offloaded, set_lora_enabled
 from .sampling import Trajectory, ddim_step, guided_model_output
 from .settings import RoundSettings
 
@@ -41,6 +43,7 @@ class ProgressEvent:
     accuracy: float
     eta_s: float
     phase: str = "train"
+    message: str = ""  # something the user should read now (e.g. a smaller micro-batch)
 
 
 @dataclass
@@ -62,11 +65,27 @@ class Batch:
     cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def split_batch(batch: Batch, size: int) -> list[Batch]:
+    """The batch as micro-batches of at most ``size`` items, each with its slice of the
+    cache (a cache tensor holds one row per item)."""
+    return [
+        Batch(
+            key=batch.key,
+            items=batch.items[i : i + size],
+            cache={k: v[i : i + size] for k, v in batch.cache.items()},
+        )
+        for i in range(0, len(batch.items), size)
+    ]
+
+
 class Objective:
     """How a round scores its items, built from the round's examples (each with a
     ``trajectory``) and settings. Subclasses implement :meth:`items` and :meth:`terms`."""
 
     empty_message = "nothing to train on"
+    #: images an item scores (a pair: 2), and whether its UNet calls use guidance
+    sides = 1
+    guided = True
 
     def __init__(self, examples: list, config: RoundSettings) -> None:
         self.examples, self.config = examples, config
@@ -76,6 +95,13 @@ class Objective:
     def latent_dims(self) -> int:
         """Dimensions of one latent (the log-probs are summed over them)."""
         return math.prod(self.trajectories[0].latents.shape[2:])
+
+    def rows_per_item(self) -> int:
+        """UNet rows one item takes (its images, twice with classifier-free guidance)."""
+        cfg = self.guided and any(
+            t.negative_embeds is not None and t.settings.guidance > 1 for t in self.trajectories
+        )
+        return self.sides * (2 if cfg else 1)
 
     def items(self) -> list[tuple]:
         """Every item of the round; ``item[0]`` indexes ``trajectories``."""
@@ -185,13 +211,29 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def make_accelerator(config: RoundSettings, unet) -> Accelerator:
     """accelerate's Accelerator for a round's precision and gradient accumulation; the
-    precision follows the UNet's dtype unless the config names one."""
+    precision follows the UNet's dtype unless the config names one.
+
+    accelerate keeps one precision a process; in a single process a round at another precision
+    than the last (fp16, then bf16 or fp32: the studio and notebooks live long) starts it anew.
+    """
     device = unet.device
     precision = config.mixed_precision or _precision_of(unet.dtype, device)
+    cpu = device.type == "cpu"
+    shared = AcceleratorState._shared_state
+    if shared:
+        state_device = shared.get("device")
+        changed = shared.get("_mixed_precision") != precision or (
+            cpu and state_device is not None and state_device.type != "cpu"
+        )
+        if changed:
+            if shared.get("num_processes", 1) > 1:
+                raise SettingsError(
+                    f"a multi-process launch keeps one precision ({shared.get('_mixed_precision')}"
+                    f"); launch again to train at {precision}"
+                )
+            AcceleratorState._reset_state()  # the process group (PartialState) stays
     return Accelerator(
-        mixed_precision=precision,
-        gradient_accumulation_steps=config.grad_accum,
-        cpu=device.type == "cpu",
+        mixed_precision=precision, gradient_accumulation_steps=config.grad_accum, cpu=cpu
     )
 
 
@@ -219,9 +261,61 @@ def trained_adapter(unet, config: RoundSettings) -> Iterator[list[torch.nn.Param
         raise
     finally:
         set_lora_enabled(unet, True)
-        if config.gradient_checkpointing:
+        if getattr(unet, "is_gradient_checkpointing", False):
             unet.disable_gradient_checkpointing()
         unet.eval()
+
+
+class OutOfMemory(SettingsError):
+    """A round ran out of device memory even one item at a time."""
+
+
+class _MicroBatches:
+    """Runs a batch's items through a function in micro-batches; on an out-of-memory error it
+    frees the cache, halves the micro-batch (then turns gradient checkpointing on) and tells
+    the caller to run the batch again."""
+
+    def __init__(self, unet, plan: MemoryPlan, on_message: Callable[[str], None]) -> None:
+        self.unet, self.size, self.on_message = unet, plan.micro_batch, on_message
+        self.checkpointing = plan.gradient_checkpointing
+        self.retries = 0
+        self._set_checkpointing(self.checkpointing)
+
+    def _set_checkpointing(self, on: bool) -> None:
+        if on:
+            self.unet.enable_gradient_checkpointing()
+            self.unet.train()
+        elif getattr(self.unet, "is_gradient_checkpointing", False):
+            self.unet.disable_gradient_checkpointing()
+            self.unet.eval()
+
+    def run(self, batch: Batch, fn: Callable[[Batch, int], object], undo=None) -> list:
+        """``fn(micro_batch, batch_items)`` for each micro-batch of ``batch``; ``undo()``
+        before a retry restores what the failed attempt changed."""
+        while True:
+            try:
+                return [fn(part, len(batch.items)) for part in split_batch(batch, self.size)]
+            except torch.OutOfMemoryError:
+                failed = self.size
+            # out of the except block, so the failed attempt's tensors can be freed
+            if undo is not None:
+                undo()
+            if self.unet.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if failed > 1:
+                self.size = max(1, failed // 2)
+                change = f"micro-batch {failed} → {self.size}"
+            elif not self.checkpointing:
+                self.checkpointing = True
+                self._set_checkpointing(True)
+                change = "gradient checkpointing on"
+            else:
+                raise OutOfMemory(
+                    "out of device memory even one item at a time with gradient checkpointing; "
+                    "free memory on the device (other programs), or lower the resolution"
+                )
+            self.retries += 1
+            self.on_message(f"out of memory: retrying the batch with {change}")
 
 
 class _RoundOrder(Sampler[int]):
@@ -257,6 +351,19 @@ def _epoch(j: int, length: int, epochs: int) -> int:
     return min(j * epochs // length, epochs - 1)
 
 
+def plan_of(pipe, objective: Objective, config: RoundSettings) -> MemoryPlan:
+    """The memory plan of a round of ``objective`` on ``pipe`` (see ``d3po_core.memory``)."""
+    return plan_round(
+        pipe,
+        latent_hw=tuple(objective.trajectories[0].latents.shape[-2:]),
+        rows_per_item=objective.rows_per_item(),
+        batch_size=config.batch_size,
+        max_memory_gb=config.max_memory_gb,
+        checkpointing=config.checkpointing,
+        micro_batch=config.micro_batch,
+    )
+
+
 def run_round(
     pipe,
     objective: Objective,
@@ -268,8 +375,9 @@ def run_round(
     """Train the pipeline's LoRA adapter on the objective's items for one round.
 
     AdamW on the LoRA parameters for ``config.epochs`` passes; a history record averages the
-    terms over each optimizer step (and closes at each epoch's end). A cancelled or failed
-    round leaves the adapter as it was.
+    terms over each optimizer step (and closes at each epoch's end). Each batch runs in
+    micro-batches that fit the device's memory (``d3po_core.memory``), halved on an
+    out-of-memory error. A cancelled or failed round leaves the adapter as it was.
     """
     config = objective.config
     config.validate()
@@ -277,14 +385,34 @@ def run_round(
     if not items:
         raise NoPicksError(objective.empty_message)
     unet = pipe.unet
-    with trained_adapter(unet, config) as params:
+    plan = plan_of(pipe, objective, config)
+    notes: list[str] = []
+    with offloaded(pipe, plan.offload), trained_adapter(unet, config) as params:
         start = time.perf_counter()
         if unet.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(unet.device)
         accelerator = accelerator or make_accelerator(config, unet)
+        history: list[dict] = []
+
+        def tell(message: str) -> None:
+            notes.append(message)
+            if on_progress is not None:
+                last = history[-1] if history else {"loss": math.nan, "accuracy": math.nan}
+                on_progress(
+                    ProgressEvent(
+                        len(history), total, last["loss"], last["accuracy"], 0.0, "memory", message
+                    )
+                )
+
         batches = make_batches(objective.trajectories, items, config.batch_size, config.seed)
+        total = 1
+        micro = _MicroBatches(unet, plan, tell)
         with torch.no_grad():
-            objective.prepare(pipe, batches)
+            for batch in batches:
+                parts = micro.run(batch, lambda part, _n: objective.prepare(pipe, [part]) or part)
+                batch.cache = {
+                    k: torch.cat([part.cache[k] for part in parts]) for k in parts[0].cache
+                }
         model = accelerator.prepare_model(unet) if accelerator.num_processes > 1 else unet
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
         optimizer = accelerator.prepare_optimizer(optimizer)
@@ -295,28 +423,36 @@ def run_round(
             collate_fn=lambda one: one[0],
         )
         loader = accelerator.prepare_data_loader(loader, device_placement=False)
-        if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            unet.train()
         for p in params:  # nothing left over from an earlier round's accumulation
             p.grad = None
         length = len(loader)
         total = _records(length, config.epochs, config.grad_accum)
-        history: list[dict] = []
         window: list[dict[str, torch.Tensor]] = []
         final: list[dict[str, torch.Tensor]] = []
         norms: list[float] = []
+
+        def step(part: Batch, batch_items: int) -> dict[str, torch.Tensor]:
+            """Forward and backward of one micro-batch; its share of the batch's mean loss."""
+            terms = objective.terms(pipe, part)
+            loss = terms["loss"].sum() / batch_items
+            if not torch.isfinite(loss):
+                raise FloatingPointError("the loss is not finite; lower the learning rate")
+            accelerator.backward(loss)
+            return {k: v.detach() for k, v in terms.items()}
+
         for j, batch in enumerate(loader):
             if should_cancel is not None and should_cancel():
                 raise RoundCancelled("round cancelled; the adapter is unchanged")
             epoch = _epoch(j, length, config.epochs)
             with accelerator.accumulate(model):
-                terms = objective.terms(pipe, batch)
-                loss = terms["loss"].mean()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError("the loss is not finite; lower the learning rate")
-                accelerator.backward(loss)
-                detached = {k: v.detach() for k, v in terms.items()}
+                grads = [None if p.grad is None else p.grad.clone() for p in params]
+
+                def undo(grads=grads) -> None:
+                    for p, g in zip(params, grads, strict=True):
+                        p.grad = g
+
+                parts = micro.run(batch, step, undo)
+                detached = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
                 window.append(detached)
                 if epoch == config.epochs - 1:
                     final.append(detached)
@@ -346,6 +482,9 @@ def run_round(
             "peak_memory_mb": peak_memory_mb(unet.device),
             "items": len(items),
             "optimizer_steps": len(norms),
+            "micro_batch": micro.size,
+            "gradient_checkpointing": int(micro.checkpointing),
+            "oom_retries": micro.retries,
             **objective.summary(),
         }
     return RoundResult(metrics=metrics, history=history)

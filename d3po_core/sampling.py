@@ -13,7 +13,6 @@ stored transitions, so the ratio π_θ/π_ref is that of the policy that drew th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -45,8 +44,10 @@ def previous_timesteps(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> tor
 
 
 def _alpha_bar(scheduler: DDIMScheduler, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=device)
+    if scheduler.alphas_cumprod.device != device:  # once: diffusers' add_noise does the same
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    alphas = scheduler.alphas_cumprod.float()
+    final = float(scheduler.final_alpha_cumprod)  # a CPU scalar: no copy to the device
     t = t.to(device)
     return torch.where(t >= 0, alphas[t.clamp(min=0)], final)
 
@@ -112,13 +113,6 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return per_dim.flatten(1).sum(1)
 
 
-def _autocast(unet: torch.nn.Module) -> contextlib.AbstractContextManager:
-    dtype = unet.dtype
-    if dtype in (torch.float16, torch.bfloat16):
-        return torch.autocast(unet.device.type, dtype=dtype)
-    return contextlib.nullcontext()
-
-
 def guided_model_output(
     unet: torch.nn.Module,
     latents: torch.Tensor,
@@ -132,19 +126,16 @@ def guided_model_output(
     cond/uncond hold one embedding per item. Guidance is on when ``guidance > 1`` and an
     unconditional embedding is given, exactly as in diffusers' pipeline.
     """
-    dtype = unet.dtype
-    with _autocast(unet):
-        if uncond is not None and guidance > 1:
-            out = unet(
-                torch.cat([latents, latents]).to(dtype),
-                torch.cat([timesteps, timesteps]),
-                encoder_hidden_states=torch.cat([uncond, cond]).to(dtype),
-            ).sample.float()
-            out_uncond, out_cond = out.chunk(2)
-            return out_uncond + guidance * (out_cond - out_uncond)
-        return unet(
-            latents.to(dtype), timesteps, encoder_hidden_states=cond.to(dtype)
+    dtype = unet.dtype  # inputs in the weights' dtype; autocast around half weights only costs
+    if uncond is not None and guidance > 1:
+        out = unet(
+            torch.cat([latents, latents]).to(dtype),
+            torch.cat([timesteps, timesteps]),
+            encoder_hidden_states=torch.cat([uncond, cond]).to(dtype),
         ).sample.float()
+        out_uncond, out_cond = out.chunk(2)
+        return out_uncond + guidance * (out_cond - out_uncond)
+    return unet(latents.to(dtype), timesteps, encoder_hidden_states=cond.to(dtype)).sample.float()
 
 
 @dataclass
@@ -235,19 +226,32 @@ def encode_prompt(
 
 
 def initial_noise(
-    seeds: Sequence[int], shape: tuple[int, ...], shared: bool
-) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """x_T for each image and the per-image generators that then draw the step noise.
+    seeds: Sequence[int], shape: tuple[int, ...], shared: bool, steps: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_T for each image, shape (N, *shape), and the noise of its ``steps`` denoising steps,
+    shape (steps, N, *shape).
 
-    Image i's generator is seeded with seeds[i] and draws its x_T first (as diffusers does
-    with a list of generators); with ``shared`` every image starts from image 0's x_T.
-    Noise is drawn on the CPU so a seed gives the same images on any device.
+    Image i's generator is seeded with seeds[i] and draws its x_T, then each step's noise in
+    order, as diffusers' pipeline does with a list of CPU generators, so a seed gives
+    diffusers' images, on any device. With ``shared`` every image starts from image 0's x_T.
+    Drawing it all at once lets sampling copy it to the device once.
     """
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    noise = torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
+    x_t, step_noise = [], []
+    for s in seeds:
+        generator = torch.Generator().manual_seed(int(s))
+        x_t.append(torch.randn((1, *shape), generator=generator))
+        step_noise.append(torch.randn((steps, 1, *shape), generator=generator))
+    noise = torch.cat(x_t)
     if shared:
         noise = noise[:1].expand_as(noise).clone()
-    return noise, generators
+    return noise, torch.cat(step_noise, dim=1)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device, pinned: bool) -> torch.Tensor:
+    """A CPU tensor on the device; from pinned memory the copy does not wait for the device."""
+    if pinned:
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 @torch.no_grad()
@@ -287,29 +291,38 @@ def sample_grid(
     cond, uncond = encode_prompt(pipe, prompt, settings.negative_prompt, settings.guidance)
     scheduler.set_timesteps(settings.steps, device=device)
     timesteps = scheduler.timesteps.clone()
-    noise, generators = initial_noise(seeds, shape, settings.shared_noise)
-    x = (noise * scheduler.init_noise_sigma).to(device)
+    noise, step_noise = initial_noise(
+        seeds, shape, settings.shared_noise, len(timesteps) if settings.eta > 0 else 0
+    )
+    pinned = device.type == "cuda"
+    x = _to_device(noise * scheduler.init_noise_sigma, device, pinned)
+    step_noise = _to_device(step_noise, device, pinned)
     n = len(seeds)
     cond_b = cond.expand(n, -1, -1)
     uncond_b = uncond.expand(n, -1, -1) if uncond is not None else None
-    latents, log_probs = [x.float().cpu()], []
+    # everything stays on the device until the end: no host sync a step
+    latents, log_probs = [x.float()], []
     for i, t in enumerate(timesteps):
         t_batch = t.expand(n)
         out = guided_model_output(unet, x, t_batch, cond_b, uncond_b, settings.guidance)
-        step_noise = torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
         result = ddim_step(
-            scheduler, out, t_batch, x.float(), settings.eta, noise=step_noise.to(device)
+            scheduler,
+            out,
+            t_batch,
+            x.float(),
+            settings.eta,
+            noise=step_noise[i] if settings.eta > 0 else None,
         )
         x = result.prev_sample
-        latents.append(x.float().cpu())
-        log_probs.append(result.log_prob.cpu())
+        latents.append(x.float())
+        log_probs.append(result.log_prob)
         if on_step is not None:
             on_step(i + 1, len(timesteps))
     images = decode_latents(pipe, x)
     trajectory = Trajectory(
-        latents=torch.stack(latents, dim=1),
+        latents=torch.stack(latents, dim=1).cpu(),
         timesteps=timesteps.cpu(),
-        log_probs=torch.stack(log_probs, dim=1),
+        log_probs=torch.stack(log_probs, dim=1).cpu(),
         prompt_embeds=cond.cpu(),
         negative_embeds=uncond.cpu() if uncond is not None else None,
         prompt=prompt,

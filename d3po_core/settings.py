@@ -39,13 +39,15 @@ def setting(
     label: str | None = None,
     aliases: tuple[str, ...] = (),
     cli: bool = True,
+    none: str = "off",
     default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
 ) -> Any:
     """A dataclass field with its help text and bounds.
 
     low/high: inclusive bounds (``low_open`` makes ``low`` exclusive); step: the studio's
     slider step; label: the name shown in the studio (default: the field name in words);
-    aliases: extra CLI flags; cli=False keeps a field off the command line (nested settings).
+    aliases: extra CLI flags; cli=False keeps a field off the command line (nested settings);
+    none: the word the studio shows for None in an optional number ("off" or "auto").
     """
     metadata = {
         "help": help,
@@ -56,6 +58,7 @@ def setting(
         "label": label,
         "aliases": list(aliases),
         "cli": cli,
+        "none": none,
     }
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
@@ -77,6 +80,7 @@ class Spec:
     step: float | None
     choices: tuple | None
     optional: bool  # None is allowed (and means "off" or "automatic")
+    none: str = "off"  # the word for None ("off" or "auto")
 
 
 @functools.cache
@@ -125,6 +129,7 @@ def spec(cls: type, name: str) -> Spec:
         step=meta.get("step"),
         choices=choices,
         optional=optional,
+        none=meta.get("none", "off"),
     )
 
 
@@ -274,6 +279,7 @@ class SampleSettings(Settings):
 
 
 Precision = Literal["no", "fp16", "bf16"]
+Checkpointing = Literal["auto", "on", "off"]
 
 
 @dataclass
@@ -304,8 +310,27 @@ class RoundSettings(Settings):
     mixed_precision: Precision | None = setting(
         None, help="accelerate's precision: no, fp16 or bf16; none: the UNet's dtype."
     )
-    gradient_checkpointing: bool = setting(
-        False, help="Trade compute for memory (SD 1.5 at 512 px on 8 GB GPUs)."
+    gradient_checkpointing: Checkpointing = setting(
+        "auto",
+        help="Recompute activations in the backward pass to save memory; auto: on when it "
+        "saves ≥ 1 GiB or lets the batch fit (off for small models and on CPU).",
+    )
+    micro_batch: int | None = setting(
+        None,
+        low=1,
+        high=4096,
+        none="auto",
+        help="Items a UNet call; a batch is split and its gradients added, so results do not "
+        "change; auto: the largest that fits the memory.",
+    )
+    max_memory_gb: float | None = setting(
+        None,
+        low=0,
+        low_open=True,
+        high=4096,
+        none="auto",
+        help="Peak memory a round may use, in GiB (e.g. 7 on an 8 GB card that also drives a "
+        "display); auto: what the device has free (no limit on CPU).",
     )
     seed: int = setting(
         0, low=0, aliases=("--train-seed",), help="Seeds the item order and step selection."
@@ -313,6 +338,16 @@ class RoundSettings(Settings):
     lora: LoraSettings = setting(
         default_factory=LoraSettings, cli=False, help="The adapter a first round adds."
     )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gradient_checkpointing, bool):  # the earlier on/off setting
+            self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
+        super().__post_init__()
+
+    @property
+    def checkpointing(self) -> bool | None:
+        """gradient_checkpointing as the memory plan takes it (None: automatic)."""
+        return {"on": True, "off": False}.get(self.gradient_checkpointing)
 
     def to_dict(self) -> dict:
         """The settings, tagged with their method, as a round stores them."""

@@ -30,6 +30,8 @@ _LOOP_ADVANCED = (
     "max_grad_norm",
     "mixed_precision",
     "gradient_checkpointing",
+    "micro_batch",
+    "max_memory_gb",
     "lora.rank",
     "lora.alpha",
 )
@@ -120,7 +122,7 @@ def gradio_control(root: type, path: str, value: Any = None, **kwargs: Any):
     """The Gradio input for one setting: label, help, bounds and choices from its declaration.
 
     choice → Radio (Dropdown with "auto" when optional); bool → Checkbox; a number with both
-    bounds → Slider; an optional number → Textbox, empty: "off" (Gradio's Number shows and
+    bounds → Slider; an optional number → Textbox, empty: "off" or "auto" (Gradio's Number shows and
     sends 0 for an empty value); another number → Number; text → Textbox.
     """
     import gradio as gr
@@ -139,7 +141,7 @@ def gradio_control(root: type, path: str, value: Any = None, **kwargs: Any):
         return gr.Slider(s.low, s.high, value=value, step=_step(s), **common)
     if s.kind in ("int", "float") and s.optional:
         text = "" if value is None else str(value)
-        return gr.Textbox(value=text, placeholder=NONE_NUMBER, **common)
+        return gr.Textbox(value=text, placeholder=s.none, **common)
     if s.kind in ("int", "float"):
         return gr.Number(
             value=value,
@@ -182,7 +184,7 @@ def widget(root: type, path: str, value: Any = None):
         return widgets.FloatSlider(value=value, min=s.low, max=s.high, step=_step(s), **common)
     if s.optional and s.kind in ("int", "float"):
         text = "" if value is None else str(value)
-        return widgets.Text(value=text, placeholder=NONE_NUMBER, **common)
+        return widgets.Text(value=text, placeholder=s.none, **common)
     if s.kind == "int":
         return widgets.IntText(value=value, **common)
     if s.kind == "float":
@@ -197,7 +199,7 @@ def widget(root: type, path: str, value: Any = None):
 
 def setting_value(s: Spec, raw: Any) -> Any:
     """A control's value as the setting's type ("auto", "off" and empty are None)."""
-    if s.optional and (raw is None or raw in ("", NONE_CHOICE, NONE_NUMBER)):
+    if s.optional and (raw is None or raw in ("", NONE_CHOICE, NONE_NUMBER, s.none)):
         return None
     if s.kind in ("int", "float"):
         try:

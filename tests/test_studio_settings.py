@@ -80,8 +80,8 @@ def test_controls_carry_the_declared_label_help_bounds_and_choices(root, path):
     elif kind == "Number":
         assert control.minimum == (None if s.low_open else s.low)
         assert control.maximum == s.high
-    elif s.optional:  # an optional number: empty is "off", its bounds are checked on use
-        assert control.placeholder == widget.placeholder == controls.NONE_NUMBER
+    elif s.optional:  # an optional number: empty is "off" or "auto", bounds checked on use
+        assert control.placeholder == widget.placeholder == s.none in ("off", "auto")
         assert control.value == widget.value == ""
     else:
         assert s.kind in ("bool", "str"), f"{path} is a {kind}"
