@@ -185,6 +185,8 @@ class D3POConfig(PickSettings):
 class D3POObjective(Objective):
     """(winner, loser, step) items of the picks, scored by the D3PO loss."""
 
+    sides = 2
+
     empty_message = "no picks to train on: label some grids (best and worst) first"
 
     def items(self) -> list[tuple[int, int, int, int]]:

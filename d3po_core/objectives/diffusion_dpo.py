@@ -61,6 +61,9 @@ class DiffusionDPOConfig(PickSettings):
 class DiffusionDPOObjective(Objective):
     """(example, winner, loser, draw) items of the picks, scored by the noise-level loss."""
 
+    sides = 2
+    guided = False  # the conditional branch only, as in the paper
+
     empty_message = "no picks to train on: label some grids (best and worst) first"
 
     def items(self) -> list[tuple[int, int, int, int]]:
@@ -134,6 +137,8 @@ class SFTConfig(PickSettings):
 class SFTObjective(DiffusionDPOObjective):
     """The plain diffusion loss on each pick's best image, the worst unused: fine-tuning
     toward what the labeler chose, with no reference. Items are (example, best, best, draw)."""
+
+    sides = 1
 
     def items(self) -> list[tuple[int, int, int, int]]:
         winners = sorted({(e, win) for e, win, _lose in pick_pairs(self.examples, "best-worst")})

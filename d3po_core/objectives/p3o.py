@@ -44,6 +44,8 @@ class P3OObjective(RewardObjective):
     """(example, winner, loser, step) items: every pair of a grid's images with different
     rewards, the higher one as winner; scored by the pair's clipped ratio."""
 
+    sides = 2
+
     def items(self) -> list[tuple[int, int, int, int]]:
         require_log_probs(self.trajectories)
         adv = rewarded_advantages(self.examples, clip=math.inf, min_group=self.config.min_group)
