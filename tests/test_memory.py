@@ -221,3 +221,18 @@ def test_rounds_at_any_precision_in_one_process(tiny_eps, dtype):
         losses.append(run_round(pipe, D3POObjective(examples, config)).metrics["loss"])
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[2] < losses[0]  # the rounds built on each other
+
+
+def test_speed_up_options_keep_the_samples_and_undo(pipe):
+    """Regional compile and channels-last (measured by bench/gpu_check.py) change speed only."""
+    from d3po_core.models import speed_up_unet
+
+    settings = replace(FAST, n=2, steps=2)
+    before = sample_grid(pipe, "a red circle", settings, seed=1).trajectory.latents
+    restore = speed_up_unet(pipe.unet, compile_blocks=True, channels_last=True)
+    fast = sample_grid(pipe, "a red circle", settings, seed=1).trajectory.latents
+    restore()
+    after = sample_grid(pipe, "a red circle", settings, seed=1).trajectory.latents
+    torch.testing.assert_close(fast, before, rtol=1e-4, atol=1e-4)
+    assert torch.equal(after, before)
+    assert all(b._compiled_call_impl is None for b in pipe.unet.down_blocks)
