@@ -245,9 +245,15 @@ def load_lora(unet: torch.nn.Module, directory: str | Path) -> LoraSettings:
     settings = read_lora_settings(directory)
     add_lora(unet, settings)
     unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(
-        unet, convert_unet_state_dict_to_peft(unet_state), adapter_name=ADAPTER_NAME
-    )
+    try:
+        result = set_peft_model_state_dict(
+            unet, convert_unet_state_dict_to_peft(unet_state), adapter_name=ADAPTER_NAME
+        )
+    except RuntimeError as exc:  # shapes of another architecture
+        remove_lora(unet)
+        first = next((ln.strip() for ln in str(exc).splitlines() if "mismatch" in ln), str(exc))
+        message = f"LoRA at {directory} does not fit this UNet ({first[:160]})"
+        raise ModelLoadError(message) from None
     missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if missing:
         raise ModelLoadError(f"LoRA at {directory} does not match this UNet ({missing[0]} ...)")

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from d3po_core import export, workflow
-from d3po_core.errors import D3POError, SettingsError, report_unexpected
+from d3po_core.errors import D3POError, ModelLoadError, SettingsError, report_unexpected
 from d3po_core.models import base_model, default_model, load_lora, load_pipeline, remove_lora
 from d3po_core.rounds import ProgressEvent
 from d3po_core.sampling import SampleSettings, sample_grid
@@ -58,7 +58,7 @@ T = TypeVar("T")
 
 
 def _oom_message() -> str:
-    return "out of GPU memory: use a smaller grid, fewer steps or gradient checkpointing"
+    return "out of GPU memory: use a smaller grid or fewer steps (a round lowers its own use)"
 
 
 class StudioController:
@@ -83,6 +83,30 @@ class StudioController:
 
     def close(self) -> None:
         self.session.close()
+
+    def switch_model(self, model: str | None, *, device: str | None = None, dtype=None) -> str:
+        """Load another model (a folder or hub id; None: the embedded model) in place of this
+        one, on the same device unless told; the current one stays if loading fails. The
+        session's active round follows when its adapter fits the new model; otherwise the
+        new model starts from its base and the returned line says so."""
+        name = str(model or default_model())
+        with self._gpu:
+            new = load_pipeline(name, device=device or self.pipe.unet.device, dtype=dtype)
+            old, self.pipe, self.model = self.pipe, new, name
+            del old
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.sample_settings = replace(self.sample_settings, **self.pipe.recommended)
+            try:
+                workflow.sync_active(self.pipe, self.session)
+            except ModelLoadError:
+                round_id = self.session.active_round
+                workflow.activate(self.pipe, self.session, None)
+                return (
+                    f"Loaded {name}; round {round_id}'s adapter does not fit it, so the base "
+                    "model is active."
+                )
+        return f"Loaded {name}."
 
     @property
     def session_root(self) -> Path:

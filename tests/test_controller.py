@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from d3po_core.errors import D3POError, ModelLoadError, NoPicksError, RoundCancelled, SettingsError
+from d3po_core.models import default_model
 from d3po_core.objectives.d3po import D3POConfig
 from d3po_core.settings import MAX_PROMPT_CHARS
 from studio.controller import StudioController, StudioError
@@ -161,3 +162,22 @@ def test_two_tabs_picking_at_once_lose_and_duplicate_nothing(ctl):
     picks = ctl.picks()
     assert sorted(picks["id"]) == sorted(ids) and len(set(ids)) == 20
     assert picks.groupby("labeler").size().to_dict() == {"ana": 10, "ben": 10}
+
+
+def test_switching_models_then_training_at_another_precision(ctl, tiny_v):
+    _label(ctl)
+    ctl.train(D3POConfig(epochs=1, batch_size=4))
+    # the same architecture in bf16: the active round follows, and a round trains in bf16
+    assert ctl.switch_model(str(tiny_v), dtype=torch.bfloat16) == f"Loaded {tiny_v}."
+    assert ctl.active_round() == 1 and ctl.pipe.unet.dtype == torch.bfloat16
+    _label(ctl)
+    round_id, metrics = ctl.train(D3POConfig(epochs=1, batch_size=4, mixed_precision="bf16"))
+    assert round_id == 2 and np.isfinite(metrics["loss"])
+    # another architecture: its base model, and the line says why
+    message = ctl.switch_model(None)
+    assert "round 2's adapter does not fit it" in message and ctl.active_round() is None
+    assert ctl.generate("a circle", seed=1).adapter_round is None
+    # a folder that is not a model leaves the current one
+    with pytest.raises(ModelLoadError):
+        ctl.switch_model(str(tiny_v.parent / "missing"))
+    assert ctl.model == str(default_model())
