@@ -1,8 +1,9 @@
-"""Build a tiny Stable Diffusion pipeline folder with random weights.
+"""Build tiny Stable Diffusion and SDXL pipeline folders with random weights.
 
-It has the exact layout of a hub checkpoint (model_index.json, unet/, vae/, text_encoder/,
-tokenizer/, scheduler/, safetensors weights), so it exercises the same loading path as a real
-model without any download. Used by the tests for epsilon and v-prediction checkpoints.
+They have the exact layout of a hub checkpoint (model_index.json, unet/, vae/, text_encoder/,
+tokenizer/, scheduler/, safetensors weights; SDXL also text_encoder_2/ and tokenizer_2/), so
+they exercise the same loading path as a real model without any download. Used by the tests
+for epsilon and v-prediction checkpoints and for SDXL's architecture.
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    EulerDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from .models import assemble_pipeline
 
@@ -58,6 +66,35 @@ def write_byte_tokenizer(directory: Path, max_length: int = 16) -> CLIPTokenizer
     return CLIPTokenizer.from_pretrained(directory)
 
 
+def _text_config(tokenizer: CLIPTokenizer, **kwargs) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
+
+
+def _tiny_vae(image_size: int) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=image_size,
+    )
+
+
 def build_tiny_pipeline(
     out_dir: str | Path,
     *,
@@ -74,30 +111,8 @@ def build_tiny_pipeline(
     out = Path(out_dir)
     torch.manual_seed(seed)
     tokenizer = write_byte_tokenizer(out / "tokenizer")
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=image_size,
-    )
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    vae = _tiny_vae(image_size)
     unet = UNet2DConditionModel(
         sample_size=image_size // 2,
         in_channels=4,
@@ -125,6 +140,57 @@ def build_tiny_pipeline(
     )
     pipe = assemble_pipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sched
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_tiny_sdxl_pipeline(out_dir: str | Path, *, seed: int = 0, image_size: int = 32) -> Path:
+    """Write a random-weight StableDiffusionXLPipeline folder to ``out_dir`` and return it.
+
+    SDXL's architecture in miniature: two text encoders (the second with a projection, whose
+    pooled output and the six size/crop numbers feed the UNet's added embedding), token
+    embeddings side by side (cross-attention width 32 + 32), a transformer depth that grows
+    with the level, and SDXL's Euler scheduler config.
+    """
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = write_byte_tokenizer(out / "tokenizer")
+    tokenizer_2 = write_byte_tokenizer(out / "tokenizer_2")
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, projection_dim=16))
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16,
+        norm_num_groups=8,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(image_size),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
