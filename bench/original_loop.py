@@ -40,8 +40,8 @@ def _log_prob(unet, scheduler, traj, image: int, k: int) -> torch.Tensor:
     x_t = traj.latents[image, k][None].to(device)
     x_prev = traj.latents[image, k + 1][None].to(device)
     t = traj.timesteps[k].to(device)[None]
-    cond = traj.prompt_embeds.to(device)
-    uncond = traj.negative_embeds.to(device) if traj.negative_embeds is not None else None
+    cond = traj.cond.to(device)
+    uncond = traj.uncond.to(device) if traj.uncond is not None else None
     out = guided_model_output(unet, x_t, t, cond, uncond, s.guidance)
     log_prob = ddim_step(scheduler, out, t, x_t, s.eta, prev_sample=x_prev).log_prob
     return log_prob / x_t[0].numel()

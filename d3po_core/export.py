@@ -2,7 +2,8 @@
 
 Kohya form: ``diffusers.utils.convert_state_dict_to_kohya`` on the peft state dict gives keys
 without the ``lora_unet_`` prefix; with the prefix added, A1111/ComfyUI load the file, and so
-does diffusers' ``load_lora_weights``, reproducing the images exactly.
+does diffusers' ``load_lora_weights``, reproducing the images exactly. SDXL's modules are
+named by its original block layout first (``input_blocks.4.1…``), as SDXL LoRA files are.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .errors import SettingsError
+from .families import family_of_unet
 from .models import ADAPTER_NAME, LORA_WEIGHT_NAME, lora_settings_of
 from .session import Session
 
@@ -44,7 +46,11 @@ def export_diffusers(session: Session, round_id: int, out_dir: str | Path) -> Pa
 
 def kohya_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The UNet's adapter in kohya naming: ``lora_unet_<module>.lora_down/lora_up/alpha``."""
-    peft_state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    family = family_of_unet(unet)
+    peft_state = {
+        family.kohya_module(key, unet.config): value
+        for key, value in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()
+    }
     kohya = convert_state_dict_to_kohya(peft_state)
     settings = lora_settings_of(unet)
     out = {}

@@ -74,6 +74,7 @@ class ModelFamily:
     name = ""
     label = ""
     pipeline_class_name = ""
+    upcast_vae = False  # decode in fp32 when the VAE is fp16 and its config asks
 
     @property
     def pipeline_class(self) -> type:
@@ -125,6 +126,7 @@ class StableDiffusionXL(ModelFamily):
     name = "sdxl"
     label = "SDXL"
     pipeline_class_name = "StableDiffusionXLPipeline"
+    upcast_vae = True
 
     def encode(self, pipe, prompt, negative_prompt, guidance, size):
         use_cfg = guidance > 1

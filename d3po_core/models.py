@@ -21,9 +21,9 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
 from .errors import ModelLoadError
+from .families import FAMILIES, SUPPORTED_PIPELINES, ModelFamily, family_of_unet
 from .settings import LoraSettings
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
 EMBEDDED_MODEL = Path(__file__).parent / "embedded" / "model"
 ADAPTER_NAME = "d3po"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -68,7 +68,8 @@ def _looks_like_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
 
 
-def _check_local_folder(path: Path) -> None:
+def _check_local_folder(path: Path) -> ModelFamily:
+    """The model family of a local diffusers folder; one-line errors for anything else."""
     if not path.exists():
         raise ModelLoadError(f"model folder not found: {path}")
     index = path / "model_index.json"
@@ -78,11 +79,27 @@ def _check_local_folder(path: Path) -> None:
         class_name = json.loads(index.read_text()).get("_class_name")
     except (json.JSONDecodeError, AttributeError) as exc:
         raise ModelLoadError(f"{index} is not valid JSON: {exc}") from None
-    if class_name not in SUPPORTED_PIPELINES:
+    return _family_named(class_name, str(path))
+
+
+def _family_named(class_name: str | None, where: str) -> ModelFamily:
+    if class_name not in FAMILIES:
         raise ModelLoadError(
-            f"unsupported pipeline class {class_name!r} in {path} "
+            f"unsupported pipeline class {class_name!r} in {where} "
             f"(supported: {', '.join(SUPPORTED_PIPELINES)})"
         )
+    return FAMILIES[class_name]
+
+
+def _hub_family(name: str) -> ModelFamily:
+    """The family a hub id names in its model_index.json (the hub must be reachable)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(name)
+    except Exception as exc:
+        raise ModelLoadError(_explain_load_failure(name, False, exc)) from exc
+    return _family_named(config.get("_class_name"), name)
 
 
 def assemble_pipeline(*, vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
@@ -105,8 +122,8 @@ def load_pipeline(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion 1.x/2.x pipeline from a local folder or a hub id.
+):
+    """Load a Stable Diffusion 1.x/2.x or SDXL pipeline from a local folder or a hub id.
 
     Weights load only from safetensors. The scheduler is replaced by DDIM built from the
     checkpoint's own scheduler config (keeping its prediction type, betas and spacing).
@@ -116,9 +133,10 @@ def load_pipeline(
     path = Path(name).expanduser()
     is_local = path.exists() or not _looks_like_hub_id(name)
     if is_local:
-        _check_local_folder(path)
+        family = _check_local_folder(path)
         source = str(path)
     else:
+        family = _hub_family(name)
         source = name
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -126,24 +144,22 @@ def load_pipeline(
         with warnings.catch_warnings():
             # newer diffusers renamed torch_dtype to dtype; the old name works across versions
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = StableDiffusionPipeline.from_pretrained(
-                source,
-                torch_dtype=dtype,
-                use_safetensors=True,
-                safety_checker=None,
-                requires_safety_checker=False,
+            pipe = family.pipeline_class.from_pretrained(
+                source, torch_dtype=dtype, use_safetensors=True, **family.load_kwargs()
             )
     except Exception as exc:  # diffusers raises many types; turn them into one clear line
         raise ModelLoadError(_explain_load_failure(name, is_local, exc)) from exc
-    if type(pipe).__name__ not in SUPPORTED_PIPELINES:
+    if type(pipe) is not family.pipeline_class:
         raise ModelLoadError(f"unsupported pipeline class {type(pipe).__name__!r} for {name}")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
     pipe.model_id = name
+    pipe.family = family
     pipe.recommended = recommended_sampling(source) if is_local else {}
     return pipe
 
@@ -215,7 +231,7 @@ def save_lora(unet: torch.nn.Module, directory: str | Path) -> Path:
     )
     metadata = peft_config(settings).to_dict()
     metadata["target_modules"] = list(settings.targets)
-    StableDiffusionPipeline.save_lora_weights(
+    family_of_unet(unet).pipeline_class.save_lora_weights(
         directory,
         unet_lora_layers=state,
         safe_serialization=True,
@@ -239,7 +255,7 @@ def load_lora(unet: torch.nn.Module, directory: str | Path) -> LoraSettings:
     if not weights.is_file():
         raise ModelLoadError(f"no LoRA weights at {weights}")
     try:
-        state, _alphas = StableDiffusionPipeline.lora_state_dict(directory)
+        state, _alphas = family_of_unet(unet).pipeline_class.lora_state_dict(directory)
     except Exception as exc:
         raise ModelLoadError(f"corrupt or unreadable LoRA file {weights}: {exc}") from exc
     settings = read_lora_settings(directory)

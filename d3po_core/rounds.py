@@ -29,6 +29,7 @@ from accelerate.state import AcceleratorState
 from torch.utils.data import DataLoader, Sampler
 
 from .errors import NoPicksError, RoundCancelled, SettingsError
+from .families import Cond
 from .memory import MemoryPlan, plan_round
 from .models import add_lora, has_lora, lora_parameters, offloaded, set_lora_enabled
 from .sampling import Trajectory, ddim_step, guided_model_output
@@ -177,15 +178,15 @@ def log_probs_of(
         x_t.append(traj.latents[idx, k])
         x_prev.append(traj.latents[idx, k + 1])
         ts.append(traj.timesteps[k])
-        cond.append(traj.prompt_embeds[0])
+        cond.append(traj.cond[0])
         if has_neg:
-            uncond.append(traj.negative_embeds[0])
+            uncond.append(traj.uncond[0])
     x_t = torch.stack(x_t).to(device)
     x_prev = torch.stack(x_prev).to(device)
     ts = torch.stack(ts).to(device)
-    cond = torch.stack(cond).to(device)
-    uncond_t = torch.stack(uncond).to(device) if has_neg else None
-    out = guided_model_output(unet, x_t, ts, cond, uncond_t, guidance)
+    cond_b = Cond.stack(cond).to(device)
+    uncond_b = Cond.stack(uncond).to(device) if has_neg else None
+    out = guided_model_output(unet, x_t, ts, cond_b, uncond_b, guidance)
     return ddim_step(scheduler, out, ts, x_t, eta, prev_sample=x_prev).log_prob
 
 

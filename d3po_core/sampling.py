@@ -24,6 +24,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from .errors import ModelLoadError, SettingsError
+from .families import Cond, family_of
 from .settings import SampleSettings
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -117,25 +118,29 @@ def guided_model_output(
     unet: torch.nn.Module,
     latents: torch.Tensor,
     timesteps: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
+    cond: Cond | torch.Tensor,
+    uncond: Cond | torch.Tensor | None,
     guidance: float,
 ) -> torch.Tensor:
     """The UNet's (classifier-free guided) prediction, in float32, for a batch of items.
 
-    cond/uncond hold one embedding per item. Guidance is on when ``guidance > 1`` and an
-    unconditional embedding is given, exactly as in diffusers' pipeline.
+    cond/uncond hold one row per item (token embeddings, or a :class:`Cond` with a model
+    family's added conditioning). Guidance is on when ``guidance > 1`` and an unconditional
+    row is given, exactly as in diffusers' pipelines. The UNet runs in its own dtype (no
+    autocast: around half-precision weights it only costs time).
     """
-    dtype = unet.dtype  # inputs in the weights' dtype; autocast around half weights only costs
+    dtype = unet.dtype
+    cond = Cond.of(cond)
     if uncond is not None and guidance > 1:
+        both = Cond.cat([Cond.of(uncond), cond])
         out = unet(
             torch.cat([latents, latents]).to(dtype),
             torch.cat([timesteps, timesteps]),
-            encoder_hidden_states=torch.cat([uncond, cond]).to(dtype),
+            **both.unet_kwargs(dtype),
         ).sample.float()
         out_uncond, out_cond = out.chunk(2)
         return out_uncond + guidance * (out_cond - out_uncond)
-    return unet(latents.to(dtype), timesteps, encoder_hidden_states=cond.to(dtype)).sample.float()
+    return unet(latents.to(dtype), timesteps, **cond.unet_kwargs(dtype)).sample.float()
 
 
 @dataclass
@@ -146,6 +151,8 @@ class Trajectory:
     timesteps: (T,) the DDIM timesteps, in sampling order.
     log_probs: (N, T) log π(x_{t−1} | x_t) recorded while sampling (summed over latent dims).
     prompt_embeds / negative_embeds: (1, L, D), once per grid (negative is None without CFG).
+    added_cond / negative_added_cond: the model family's added conditioning, (1, ...) each
+    (SDXL: pooled text embedding and time ids; empty for SD 1.x/2.x).
     """
 
     latents: torch.Tensor
@@ -158,10 +165,24 @@ class Trajectory:
     settings: SampleSettings
     model_id: str = ""
     adapter_round: int | None = None
+    added_cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    negative_added_cond: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
         return self.latents.shape[0]
+
+    @property
+    def cond(self) -> Cond:
+        """The prompt's conditioning, one row."""
+        return Cond(self.prompt_embeds, self.added_cond)
+
+    @property
+    def uncond(self) -> Cond | None:
+        """The negative prompt's conditioning, one row (None without guidance)."""
+        if self.negative_embeds is None:
+            return None
+        return Cond(self.negative_embeds, self.negative_added_cond)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {
@@ -172,6 +193,11 @@ class Trajectory:
         }
         if self.negative_embeds is not None:
             tensors["negative_embeds"] = self.negative_embeds.contiguous()
+        for prefix, added in (
+            ("added.", self.added_cond),
+            ("negative_added.", self.negative_added_cond),
+        ):
+            tensors.update({prefix + k: v.contiguous() for k, v in added.items()})
         return tensors
 
     def metadata(self) -> dict:
@@ -196,10 +222,16 @@ class Trajectory:
             settings=SampleSettings(**metadata["sample_settings"]),
             model_id=metadata.get("model_id", ""),
             adapter_round=metadata.get("adapter_round"),
+            added_cond=_prefixed(tensors, "added."),
+            negative_added_cond=_prefixed(tensors, "negative_added."),
         )
 
     def metadata_json(self) -> str:
         return json.dumps(self.metadata())
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 @dataclass
@@ -211,18 +243,15 @@ class Grid:
 
 
 def encode_prompt(
-    pipe, prompt: str, negative_prompt: str, guidance: float
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cond, uncond) embeddings of shape (1, L, D); uncond is None without guidance."""
-    use_cfg = guidance > 1
-    cond, uncond = pipe.encode_prompt(
-        prompt,
-        pipe.unet.device,
-        num_images_per_prompt=1,
-        do_classifier_free_guidance=use_cfg,
-        negative_prompt=negative_prompt or None,
-    )
-    return cond.float(), (uncond.float() if use_cfg else None)
+    pipe, prompt: str, negative_prompt: str, guidance: float, size: tuple[int, int] | None = None
+) -> tuple[Cond, Cond | None]:
+    """(cond, uncond) of one prompt, one row each, as the pipeline's model family encodes it
+    (``size``: the (height, width) sampled, which SDXL conditions on); uncond is None
+    without guidance."""
+    if size is None:
+        side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        size = (side, side)
+    return family_of(pipe).encode(pipe, prompt, negative_prompt, guidance, size)
 
 
 def initial_noise(
@@ -288,7 +317,9 @@ def sample_grid(
         height // pipe.vae_scale_factor,
         width // pipe.vae_scale_factor,
     )
-    cond, uncond = encode_prompt(pipe, prompt, settings.negative_prompt, settings.guidance)
+    cond, uncond = encode_prompt(
+        pipe, prompt, settings.negative_prompt, settings.guidance, (height, width)
+    )
     scheduler.set_timesteps(settings.steps, device=device)
     timesteps = scheduler.timesteps.clone()
     noise, step_noise = initial_noise(
@@ -298,8 +329,8 @@ def sample_grid(
     x = _to_device(noise * scheduler.init_noise_sigma, device, pinned)
     step_noise = _to_device(step_noise, device, pinned)
     n = len(seeds)
-    cond_b = cond.expand(n, -1, -1)
-    uncond_b = uncond.expand(n, -1, -1) if uncond is not None else None
+    cond_b = cond.expand(n)
+    uncond_b = uncond.expand(n) if uncond is not None else None
     # everything stays on the device until the end: no host sync a step
     latents, log_probs = [x.float()], []
     for i, t in enumerate(timesteps):
@@ -323,13 +354,15 @@ def sample_grid(
         latents=torch.stack(latents, dim=1).cpu(),
         timesteps=timesteps.cpu(),
         log_probs=torch.stack(log_probs, dim=1).cpu(),
-        prompt_embeds=cond.cpu(),
-        negative_embeds=uncond.cpu() if uncond is not None else None,
+        prompt_embeds=cond.embeds.cpu(),
+        negative_embeds=uncond.embeds.cpu() if uncond is not None else None,
         prompt=prompt,
         seeds=seeds,
         settings=settings,
         model_id=getattr(pipe, "model_id", ""),
         adapter_round=adapter_round,
+        added_cond={k: v.cpu() for k, v in cond.added.items()},
+        negative_added_cond={k: v.cpu() for k, v in uncond.added.items()} if uncond else {},
     )
     return Grid(images=images, trajectory=trajectory, seconds=time.perf_counter() - start)
 
@@ -338,8 +371,20 @@ def sample_grid(
 def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
     """VAE-decode final latents to PIL images, as diffusers' pipeline does."""
     vae = pipe.vae
-    scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-    image = vae.decode(scaled).sample
+    dtype = vae.dtype
+    upcast = (
+        dtype == torch.float16
+        and family_of(pipe).upcast_vae
+        and getattr(vae.config, "force_upcast", False)
+    )
+    if upcast:  # SDXL's VAE overflows in fp16: decoded in fp32, as diffusers' pipeline does
+        vae.to(torch.float32)
+    try:
+        scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        image = vae.decode(scaled).sample
+    finally:
+        if upcast:
+            vae.to(dtype)
     return pipe.image_processor.postprocess(image.float(), output_type="pil")
 
 
@@ -351,12 +396,12 @@ def recompute_log_probs(pipe, trajectory: Trajectory) -> torch.Tensor:
     scheduler.set_timesteps(s.steps, device=unet.device)
     n = trajectory.n
     rows = []
+    cond = trajectory.cond.to(unet.device).expand(n)
+    uncond = trajectory.uncond
+    uncond = uncond.to(unet.device).expand(n) if uncond is not None else None
     for k, t in enumerate(trajectory.timesteps.to(unet.device)):
         x_t = trajectory.latents[:, k].to(unet.device)
         x_prev = trajectory.latents[:, k + 1].to(unet.device)
-        cond = trajectory.prompt_embeds.to(unet.device).expand(n, -1, -1)
-        neg = trajectory.negative_embeds
-        uncond = neg.to(unet.device).expand(n, -1, -1) if neg is not None else None
         out = guided_model_output(unet, x_t, t.expand(n), cond, uncond, s.guidance)
         rows.append(ddim_step(scheduler, out, t.expand(n), x_t, s.eta, prev_sample=x_prev).log_prob)
     return torch.stack(rows, dim=1).cpu()

@@ -91,7 +91,7 @@ class DiffusionDPOObjective(Objective):
                 latents.append(final[item[side]])
                 noise.append(torch.randn(final.shape[1:], generator=gen))
                 ts.append(torch.randint(0, num_train, (), generator=gen))
-                cond.append(traj.prompt_embeds[0])
+                cond.append(traj.cond[0])
         return denoising_error(pipe, latents, noise, ts, cond).chunk(len(sides))
 
     def prepare(self, pipe, batches: list[Batch]) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..families import Cond
 from ..models import base_model, has_lora
 from ..sampling import guided_model_output
 
@@ -31,15 +32,16 @@ def denoising_error(
     latents: list[torch.Tensor],
     noise: list[torch.Tensor],
     timesteps: list[torch.Tensor],
-    cond: list[torch.Tensor],
+    cond: list[Cond],
 ) -> torch.Tensor:
     """Per-item mean squared error of the UNet's (unguided) prediction on noised latents, in
     one UNet call; item i is ``latents[i]`` noised with ``noise[i]`` to ``timesteps[i]`` (a
-    0-d tensor), prompted by ``cond[i]``."""
+    0-d tensor), prompted by ``cond[i]`` (a trajectory's ``cond[0]``)."""
     device = pipe.unet.device
-    latents, noise, timesteps, cond = (
-        torch.stack(part).to(device) for part in (latents, noise, timesteps, cond)
+    latents, noise, timesteps = (
+        torch.stack(part).to(device) for part in (latents, noise, timesteps)
     )
+    cond = Cond.stack(cond).to(device)
     scheduler = pipe.scheduler
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
@@ -71,7 +73,7 @@ def image_rewards(
                 latents += [final[ex.best], final[ex.worst]]
                 noise += [eps, eps]
                 ts += [torch.tensor(t)] * 2
-                cond += [ex.trajectory.prompt_embeds[0]] * 2
+                cond += [ex.trajectory.cond[0]] * 2
             args = (latents, noise, ts, cond)
             tuned = denoising_error(pipe, *args)
             with base_model(pipe.unet):
