@@ -36,6 +36,7 @@ def build_app(ctl: StudioController) -> gr.Blocks:
     """The Blocks app for a controller (not launched)."""
     with gr.Blocks(title="D3PO Studio") as app:
         gr.Markdown("# D3PO Studio\nPick the best and the worst image of each grid; train a round.")
+        gr.Markdown(views.model_line(ctl.model_info()), elem_id="model-info")
         with gr.Row():
             labeler = gr.Textbox(label="Your name (saved with every pick)", scale=2)
             status = gr.Markdown("Ready.", elem_id="status")

@@ -84,6 +84,20 @@ class StudioController:
     def close(self) -> None:
         self.session.close()
 
+    def model_info(self) -> dict:
+        """What the studio samples with: model, family, image size, device and dtype."""
+        unet = self.pipe.unet
+        side = unet.config.sample_size * self.pipe.vae_scale_factor
+        s = self.sample_settings
+        return {
+            "model": "embedded model" if self.model == str(default_model()) else self.model,
+            "family": self.pipe.family.label,
+            "height": s.height or side,
+            "width": s.width or side,
+            "device": unet.device.type,
+            "dtype": str(unet.dtype).removeprefix("torch."),
+        }
+
     def switch_model(self, model: str | None, *, device: str | None = None, dtype=None) -> str:
         """Load another model (a folder or hub id; None: the embedded model) in place of this
         one, on the same device unless told; the current one stays if loading fails. The

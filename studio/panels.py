@@ -87,6 +87,7 @@ class LabelPanel(_Panel):
         self.skip_button = widgets.Button(description="Skip")
         self.undo_button = widgets.Button(description="Undo")
         self.counter = widgets.HTML("")
+        self.model = widgets.HTML(_html(views.model_line(ctl.model_info())))
         self.grid_box = widgets.GridBox(
             layout=widgets.Layout(grid_template_columns="repeat(4, 180px)")
         )
@@ -100,6 +101,7 @@ class LabelPanel(_Panel):
         buttons = [self.generate_button, self.save_button, self.tie_button, self.skip_button]
         self.widget = widgets.VBox(
             [
+                self.model,
                 widgets.HBox([self.labeler, self.prompt]),
                 settings_box,
                 widgets.HBox([*buttons, self.undo_button]),

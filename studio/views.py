@@ -111,3 +111,11 @@ def win_rate_table(rates: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({c: [] for c in WIN_RATE_COLUMNS})
     vs_base = rates[rates["round_a"].isna()]
     return vs_base.rename(columns={"round_b": "round"})[WIN_RATE_COLUMNS]
+
+
+def model_line(info: dict) -> str:
+    """The model the studio samples with, in one line."""
+    return (
+        f"Model: **{info['model']}** · {info['family']} · {info['width']}×{info['height']} px · "
+        f"{info['device']} {info['dtype']}"
+    )

@@ -159,3 +159,25 @@ def test_cli_generate_label_train_export_on_sdxl(tiny_sdxl, tmp_path, capsys):
     out = tmp_path / "xl-kohya.safetensors"
     assert main(["export", *base, "--kohya", str(out)]) == 0
     assert any("input_blocks" in k for k in load_file(out))
+
+
+def test_studio_and_panels_show_the_family_and_size(tiny_sdxl, tmp_path):
+    from studio import views
+    from studio.controller import StudioController
+    from studio.panels import LabelPanel
+
+    ctl = StudioController(tmp_path / "s", model=str(tiny_sdxl), device="cpu")
+    try:
+        info = ctl.model_info()
+        assert (info["family"], info["width"], info["height"]) == ("SDXL", 32, 32)
+        line = views.model_line(info)
+        assert "SDXL · 32×32 px · cpu float32" in line and str(tiny_sdxl) in line
+        assert "SDXL" in LabelPanel(ctl).model.value
+        view = ctl.generate(PROMPT, 2, seed=1)
+        ctl.pick(view.grid_id, best=0, worst=1)
+        round_id, metrics = ctl.train(DiffusionDPOConfig(epochs=1, batch_size=4))
+        assert round_id == 1 and metrics["picks"] == 1
+        base, tuned = ctl.compare(1, PROMPT, [5])
+        assert base[0].size == tuned[0].size == (32, 32)
+    finally:
+        ctl.close()
