@@ -1,14 +1,16 @@
 """One check of speed, memory and precision on whatever device is present: one table, one JSON.
 
     python bench/gpu_check.py                   # CUDA: SD 1.5 architecture, random weights, 512 px
+    python bench/gpu_check.py --sdxl --size 1024  # CUDA: SDXL architecture, random weights
     python bench/gpu_check.py --device cpu      # the same checks on the embedded model
 
 On CUDA it builds a Stable Diffusion 1.5-architecture pipeline with random weights (nothing to
 download), samples 8 picks' 4-grids at 20 steps and measures, in one run:
 
 - recording overhead: a recorded 4-grid vs diffusers' own pipeline, same seeds and steps;
-- a D3PO round on the 8 picks at the defaults (memory plan from the free memory), with an
-  8 GiB cap (what an 8 GB card gets), and at micro-batch 8 with checkpointing off and on;
+- a D3PO round on the 8 picks at the defaults (memory plan from the free memory), with a
+  cap (``--cap-gb``, 8: what an 8 GB card gets), and at micro-batch 8 with checkpointing off
+  and on;
 - a Diffusion-DPO round (the default method) at the defaults;
 - the original D3PO loop's pattern (``bench/original_loop.py``) on the same picks;
 - model FLOP/s of the round against the eager ceiling (LoRA fwd+bwd of the UNet at 32 rows)
@@ -16,6 +18,10 @@ download), samples 8 picks' 4-grids at 20 steps and measures, in one run:
   one UNet forward of a row counted by torch's flop counter);
 - rounds at fp16, bf16 and fp32 in one process (CPU: fp32 and bf16 autocast);
 - regional ``torch.compile`` of the UNet's blocks and channels-last (CUDA, or ``--compile``).
+
+With ``--sdxl`` (and ``--size 1024 --cap-gb 24``: the largest consumer card) it builds an
+SDXL-architecture pipeline with random weights instead and runs the same checks; ``--model``
+runs them on any diffusers folder (the tests use a tiny SDXL one on the CPU).
 
 It prints a markdown table (docs/benchmarks.md §6 keeps the last GPU one) and writes JSON to
 bench/results/gpu_check-<device>.json. Under 10 minutes on an H100.
@@ -34,8 +40,9 @@ from pathlib import Path
 
 import torch
 from original_loop import original_round
-from speed import build_sd15, grid_vs_plain
+from speed import build_sd15, build_sdxl, grid_vs_plain
 
+from d3po_core.families import Cond
 from d3po_core.models import default_model, load_pipeline, remove_lora, speed_up_unet
 from d3po_core.objectives.d3po import D3POConfig, D3POObjective, Example
 from d3po_core.objectives.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOObjective
@@ -82,7 +89,7 @@ def timed_round(pipe, objective, fresh: bool = True) -> dict:
     }
 
 
-def unet_row_flops(pipe, latent_hw: tuple[int, int], cond: torch.Tensor) -> float:
+def unet_row_flops(pipe, latent_hw: tuple[int, int], cond: Cond) -> float:
     """FLOPs of one UNet forward on one row (torch's flop counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -91,7 +98,7 @@ def unet_row_flops(pipe, latent_hw: tuple[int, int], cond: torch.Tensor) -> floa
     t = torch.tensor([500], device=unet.device)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        unet(x, t, encoder_hidden_states=cond.to(unet.device, unet.dtype))
+        unet(x, t, **cond.to(unet.device).unet_kwargs(unet.dtype))
     return float(counter.get_total_flops())
 
 
@@ -105,12 +112,12 @@ def eager_ceiling(pipe, latent_hw, cond, row_flops: float, rows: int = 32, repea
     add_lora(unet)
     x = torch.randn(rows, unet.config.in_channels, *latent_hw, device=device, dtype=unet.dtype)
     t = torch.full((rows,), 500, device=device)
-    c = cond.to(device, unet.dtype).expand(rows, -1, -1)
+    c = cond.to(device).expand(rows).unet_kwargs(unet.dtype)
     times = []
     for _ in range(repeats + 1):
         _sync(device)
         start = time.perf_counter()
-        unet(x, t, encoder_hidden_states=c).sample.float().square().mean().backward()
+        unet(x, t, **c).sample.float().square().mean().backward()
         _sync(device)
         times.append(time.perf_counter() - start)
         for p in lora_parameters(unet):
@@ -177,19 +184,23 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
             folder = args.model
+        elif args.sdxl:
+            folder = build_sdxl(Path(tmp) / "sdxl-random", args.size, device.type)
         elif cuda:
             folder = build_sd15(Path(tmp) / "sd15-random", args.size)
         else:
             folder = default_model()
         pipe = load_pipeline(folder, device=device, dtype=dtype)
-    size = args.size if cuda and not args.model else None
+    built = (cuda or args.sdxl) and not args.model
+    size = args.size if built else None
     guidance = pipe.recommended.get("guidance", 7.5)
     settings = SampleSettings(
         n=4, steps=args.steps, guidance=guidance, eta=1.0, height=size, width=size
     )
-    result["model"] = "SD 1.5 architecture, random weights" if cuda and not args.model else folder
+    architecture = "SDXL" if args.sdxl else "SD 1.5"
+    result["model"] = f"{architecture} architecture, random weights" if built else folder
     result["image_px"] = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    result["steps"], result["picks"] = args.steps, args.picks
+    result["steps"], result["picks"], result["cap_gb"] = args.steps, args.picks, args.cap_gb
 
     result["sampling"] = grid_vs_plain(pipe, settings, args.repeats)
     examples = picks(pipe, settings, args.picks)
@@ -197,7 +208,7 @@ def run(args) -> dict:
     d3po = D3POConfig()
     rounds = {
         "d3po_defaults": d3po,
-        "d3po_8gb": replace(d3po, max_memory_gb=8.0),
+        "d3po_capped": replace(d3po, max_memory_gb=args.cap_gb),
         "d3po_micro8_checkpointing_off": replace(d3po, micro_batch=8, gradient_checkpointing="off"),
         "d3po_micro8_checkpointing_on": replace(d3po, micro_batch=8, gradient_checkpointing="on"),
     }
@@ -210,7 +221,7 @@ def run(args) -> dict:
     result["original_loop"] = original_round(pipe, examples, epochs=d3po.epochs)
     result["original_loop"]["peak_gb"] = result["original_loop"].pop("peak_memory_mb") / 1024
 
-    cond = examples[0].trajectory.prompt_embeds
+    cond = examples[0].trajectory.cond  # one row, with a family's added conditioning
     row_flops = unet_row_flops(pipe, latent_hw, cond)
     ours = result["d3po_defaults"]
     round_flops = row_flops * 4 * ours["items"] * (1 + 3 * d3po.epochs)  # 4 rows: pair × CFG
@@ -276,7 +287,11 @@ def table(r: dict) -> str:
             "≤ 1.05×",
         ),
         ("D3PO round, defaults", rnd(ours), "≤ 12 s (H100)"),
-        ("D3PO round, --max-memory-gb 8", rnd(r["d3po_8gb"]), "≤ 8 GB"),
+        (
+            f"D3PO round, --max-memory-gb {r['cap_gb']:g}",
+            rnd(r["d3po_capped"]),
+            f"≤ {r['cap_gb']:g} GB",
+        ),
         (
             "D3PO round, micro-batch 8, checkpointing off",
             rnd(r["d3po_micro8_checkpointing_off"]),
@@ -327,7 +342,9 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     parser.add_argument("--model", default=None, help="a diffusers folder instead of the default")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="bf16 on CUDA")
-    parser.add_argument("--size", type=int, default=512, help="image size of the SD 1.5 build")
+    parser.add_argument("--size", type=int, default=512, help="image size of the random build")
+    parser.add_argument("--sdxl", action="store_true", help="an SDXL-architecture build")
+    parser.add_argument("--cap-gb", type=float, default=8.0, help="the capped round's limit")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--picks", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)

@@ -158,6 +158,78 @@ def build_sd15(folder: Path, size: int) -> Path:
     return folder
 
 
+def build_sdxl(folder: Path, size: int, device: str = "cpu") -> Path:
+    """An SDXL-architecture pipeline with random weights (UNet 2.6 B, CLIP ViT-L and OpenCLIP
+    bigG text encoders, VAE), built on ``device`` (fast on a GPU) and saved in fp16."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import UNet2DConditionModel as UNet
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from d3po_core.tiny_model import write_byte_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = write_byte_tokenizer(folder / "tokenizer", max_length=77)
+    tokenizer_2 = write_byte_tokenizer(folder / "tokenizer_2", max_length=77)
+
+    def text(hidden: int, layers: int, heads: int, **kwargs) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **kwargs,
+        )
+
+    with torch.device(device):
+        text_encoder = CLIPTextModel(text(768, 12, 12))
+        text_encoder_2 = CLIPTextModelWithProjection(text(1280, 32, 20, projection_dim=1280))
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=size,
+            scaling_factor=0.13025,
+        )
+        unet = UNet(  # SDXL base's configuration
+            sample_size=size // 8,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def sd15(args) -> dict:
     device = torch.device(args.device or "cuda")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]

@@ -10,7 +10,7 @@ from d3po_core.objectives.d3po import D3POConfig, D3POObjective
 from d3po_core.objectives.ddpo import DDPOConfig, DDPOObjective
 from d3po_core.rounds import run_round
 from d3po_core.sampling import SampleSettings
-from d3po_core.tiny_model import build_tiny_pipeline
+from d3po_core.tiny_model import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 torch.set_num_threads(2)
 
@@ -40,6 +40,12 @@ def tiny_v(tmp_path_factory):
     return build_tiny_pipeline(
         tmp_path_factory.mktemp("tiny-v"), prediction_type="v_prediction", scheduler="ddim", seed=1
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """An SDXL-architecture checkpoint (two text encoders, pooled embeddings, time ids)."""
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
 @pytest.fixture

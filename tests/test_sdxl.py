@@ -26,17 +26,11 @@ from d3po_core.objectives.d3po import D3POConfig, D3POObjective, Example
 from d3po_core.objectives.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOObjective
 from d3po_core.rounds import run_round
 from d3po_core.sampling import Trajectory, recompute_log_probs, sample_grid
-from d3po_core.tiny_model import build_tiny_sdxl_pipeline
 
 from .conftest import FAST
 
 SETTINGS = replace(FAST, n=2)
 PROMPT = "a red circle"
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
 @pytest.fixture
