@@ -153,6 +153,9 @@ def _train_bar():
     bar = tqdm(desc="round", unit="step")
 
     def update(event) -> None:
+        if event.message:  # e.g. out of memory: a smaller micro-batch
+            bar.write(event.message)
+            return
         bar.total = event.total
         bar.n = event.step
         bar.set_postfix(loss=f"{event.loss:.4f}", acc=f"{event.accuracy:.2f}")

@@ -234,8 +234,10 @@ class TrainPanel(_Panel):
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def _on_progress(self, event) -> None:
-        self.progress.max, self.progress.value = event.total, event.step
         self.eta.value = views.progress_text(event)
+        if event.message:  # a note (e.g. a smaller micro-batch after out of memory)
+            return
+        self.progress.max, self.progress.value = event.total, event.step
         self.history.append({"step": event.step, "loss": event.loss, "accuracy": event.accuracy})
         self._draw()
 

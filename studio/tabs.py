@@ -219,7 +219,8 @@ def train_tab(ctl: StudioController, shared: Shared):
                         rollback = gr.update(visible=True, value=views.rollback_label(target))
                     break
                 progress(event.step / event.total, desc=views.progress_text(event))
-                rows += views.curve_rows(event)
+                if not event.message:  # a note has no loss to plot
+                    rows += views.curve_rows(event)
                 yield (
                     f"Training: {views.progress_text(event)}",
                     pd.DataFrame(rows),

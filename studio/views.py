@@ -42,6 +42,8 @@ def reveal_text(pair: BlindPair) -> str:
 
 
 def progress_text(event) -> str:
+    if event.message:
+        return event.message[:1].upper() + event.message[1:]
     return f"step {event.step}/{event.total}, ETA {event.eta_s:.0f} s"
 
 

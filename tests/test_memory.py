@@ -236,3 +236,14 @@ def test_speed_up_options_keep_the_samples_and_undo(pipe):
     torch.testing.assert_close(fast, before, rtol=1e-4, atol=1e-4)
     assert torch.equal(after, before)
     assert all(b._compiled_call_impl is None for b in pipe.unet.down_blocks)
+
+
+def test_front_ends_show_a_memory_note_and_do_not_plot_it(ctl):
+    from d3po_core.rounds import ProgressEvent
+    from studio.panels import TrainPanel
+
+    panel = TrainPanel(ctl)
+    message = "out of memory: retrying the batch with micro-batch 8 → 4"
+    panel._on_progress(ProgressEvent(0, 4, float("nan"), float("nan"), 0.0, "memory", message))
+    assert panel.eta.value == "Out of memory: retrying the batch with micro-batch 8 → 4"
+    assert panel.history == []
