@@ -23,12 +23,14 @@ from .errors import SettingsError
 from .families import family_of_unet
 from .models import ADAPTER_NAME, LORA_WEIGHT_NAME, lora_settings_of
 from .session import Session
+from .session.files import readable
 
 
 def _replace_atomically(write, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     write(tmp)
+    readable(tmp)
     os.replace(tmp, target)
     return target
 
@@ -40,7 +42,7 @@ def export_diffusers(session: Session, round_id: int, out_dir: str | Path) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     for name in (LORA_WEIGHT_NAME, "lora_settings.json"):
         if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
+            readable(shutil.copy2(src / name, out / name))
     return out / LORA_WEIGHT_NAME
 
 

@@ -22,6 +22,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 
 from .errors import ModelLoadError
 from .families import FAMILIES, SUPPORTED_PIPELINES, ModelFamily, family_of_unet
+from .session.files import readable
 from .settings import LoraSettings
 
 EMBEDDED_MODEL = Path(__file__).parent / "embedded" / "model"
@@ -238,7 +239,7 @@ def save_lora(unet: torch.nn.Module, directory: str | Path) -> Path:
         unet_lora_adapter_metadata=metadata,
     )
     (directory / "lora_settings.json").write_text(json.dumps(asdict(settings)))
-    return directory / LORA_WEIGHT_NAME
+    return readable(directory / LORA_WEIGHT_NAME)
 
 
 def read_lora_settings(directory: str | Path) -> LoraSettings:

@@ -92,6 +92,11 @@ def test_generate_label_train_export(tiny_eps, tmp_path, capsys):
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
     assert all(k.startswith("lora_unet_") for k in load_file(kohya))
     assert len(pd.read_parquet(picks)) == 2
+    # the files written for the user get the mode any new file gets (safetensors writes 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (lora / "pytorch_lora_weights.safetensors", kohya, picks):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written
     with Session.open(session) as s:
         assert s.grids_df()["seed"].tolist() == [3, 5]
         assert s.picks_df()["labeler"].tolist() == ["scorer", "scorer"]

@@ -15,6 +15,17 @@ import uuid
 from pathlib import Path
 
 GRID_FILE = re.compile(r"grid-(\d+)(-\d+)?\.(png|safetensors)")
+_UMASK = os.umask(0)  # read once: the mode a plain file of this process gets
+os.umask(_UMASK)
+
+
+def readable(path: Path) -> Path:
+    """Give a file the mode any file this process creates gets (safetensors writes 0600, so
+    other users and tools could not read an exported LoRA)."""
+    os.chmod(path, 0o666 & ~_UMASK)
+    return path
+
+
 ROUND_DIR = re.compile(r"round-\d+")
 
 

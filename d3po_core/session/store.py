@@ -42,7 +42,14 @@ from safetensors.torch import load_file, save_file
 from d3po_core.errors import SessionError
 from d3po_core.settings import MAX_PROMPT_CHARS, SampleSettings, spec
 
-from .files import fsync_dir, fsync_file, fsync_tree, remove_leftovers, replace_atomically
+from .files import (
+    fsync_dir,
+    fsync_file,
+    fsync_tree,
+    readable,
+    remove_leftovers,
+    replace_atomically,
+)
 from .schema import SCHEMA_VERSION, TABLES
 
 try:
@@ -340,6 +347,7 @@ class Session:
                 tmp_traj,
                 metadata=metadata,
             )
+            readable(tmp_traj)
             fsync_file(tmp_traj)
             with self._write() as undo:
                 if adapter_round is not None:
