@@ -2,8 +2,9 @@
 
 A callback only translates between widgets and controller verbs. Settings controls come from
 their declarations (:mod:`studio.controls`), captions and tables from :mod:`studio.views`.
-Per-tab UI state (the grid on screen, the pending best pick, the blind pair) is small and
-lives in ``gr.State``. A failed action shows one line (:meth:`StudioController.attempt`).
+Labeling state (the grid on screen, the pending best) lives on the server, per browser tab
+(:mod:`studio.labeling`); other per-tab state (the blind pair) is small and lives in
+``gr.State``. A failed action shows one line (:meth:`StudioController.attempt`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from d3po_core.rounds import ProgressEvent
 
 from . import controls, views
 from .controller import StudioController
+from .labeling import LOADING, Labeling
 
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}  # one sampling/training job at a time
+# clicks and keys on a grid are applied one at a time, in the order they arrive
+IN_ORDER = {"concurrency_id": "labels", "concurrency_limit": 1}
 
 
 def _labeler(name: str) -> str:
@@ -74,10 +78,8 @@ def label_tab(ctl: StudioController, shared: Shared) -> None:
     with gr.Accordion("Prompt list", open=False):
         prompt_list = gr.Textbox(label="Prompts, one a line", lines=4)
         add_prompts_btn = gr.Button("Add to the list")
-    shown = gr.State(None)  # grid id on screen
-    pending_best = gr.State(None)
-    advance = gr.State(False)  # a pick, tie or skip was saved: the next grid follows
     status, labeler = shared.status, shared.labeler
+    labeling = Labeling(ctl)  # each tab's grid on screen and pending best, on the server
 
     def count() -> str:
         return views.picks_waiting(ctl.picks_since_last_round())
@@ -89,46 +91,39 @@ def label_tab(ctl: StudioController, shared: Shared) -> None:
             text, settings=settings, on_step=lambda s, t: progress(s / t, desc="sampling")
         )
 
-    def show_grid(data, progress=gr.Progress()):
+    def show_grid(data, request: gr.Request, progress=gr.Progress()):
+        labeling.loading(request.session_hash)  # clicks wait until the grid is on screen
         view, error = ctl.attempt(sample_grid, data[prompt], data, progress)
         if error:  # the grid on screen stays as it was
-            return gr.update(), gr.update(), gr.update(), gr.update(), error
-        return (
-            view.images,
-            view.grid_id,
-            None,
-            views.grid_caption(view),
-            "Click the **best** image.",
-        )
+            labeling.settled(request.session_hash)
+            return gr.update(), gr.update(), error
+        labeling.arrived(request.session_hash, view.grid_id)
+        return view.images, views.grid_caption(view), LOADING
 
-    def next_grid(data, progress=gr.Progress()):
-        """After a saved pick: the next grid, for the next prompt of the list if any."""
-        if not data[advance]:
-            return (gr.update(),) * 6
+    def grid_ready(request: gr.Request):
+        """Chained after a grid is shown: from now on clicks and keys count on it."""
+        if labeling.ready(request.session_hash):
+            return "Click the **best** image."
+        return gr.update()
+
+    def next_grid(data, request: gr.Request, progress=gr.Progress()):
+        """After a saved pick: the next grid, for the next prompt of the list if any (the
+        server knows whether a save asked for it: a browser state could be stale)."""
+        if not labeling.take_next(request.session_hash):
+            return (gr.update(),) * 4
         text = ctl.next_prompt(data[prompt]) or data[prompt]
-        return (text, *show_grid({**data, prompt: text}, progress))
+        return (text, *show_grid({**data, prompt: text}, request, progress))
 
-    def select(grid_id, best, name, evt: gr.SelectData):
-        if grid_id is None:
-            return best, "Generate a grid first.", count(), False
-        index = evt.index
-        if best is None:
-            return index, f"Best: image {index + 1}. Now click the **worst**.", count(), False
-        if index == best:
-            text = "That is the best one; click a different image for the worst."
-            return best, text, count(), False
-        pick_id, error = ctl.attempt(ctl.pick, grid_id, best, index, labeler=_labeler(name))
-        if error:
-            return None, error, count(), False
-        return None, f"Saved pick {pick_id} (best {best + 1}, worst {index + 1}).", count(), True
+    def select(name, evt: gr.SelectData, request: gr.Request):
+        said = labeling.select(request.session_hash, evt.index, _labeler(name))
+        return said.message, count()
 
-    def mark(kind, grid_id, name):
-        if grid_id is None:
-            return "Generate a grid first.", count(), False
-        pick_id, error = ctl.attempt(getattr(ctl, kind), grid_id, labeler=_labeler(name))
-        if error:
-            return error, count(), False
-        return f"Saved {kind} ({pick_id}).", count(), True
+    def marker(kind: str):
+        def mark(name, request: gr.Request):
+            said = labeling.mark(request.session_hash, kind, _labeler(name))
+            return said.message, count()
+
+        return mark
 
     def undo(name):
         undone, error = ctl.attempt(ctl.undo, _labeler(name) or None)
@@ -140,24 +135,28 @@ def label_tab(ctl: StudioController, shared: Shared) -> None:
         return error or f"Added {added} prompt(s) to the list."
 
     grid_inputs = {prompt, *sample_controls.values()}
-    grid_outputs = [grid, shown, pending_best, grid_info, status]
-    generate_btn.click(show_grid, grid_inputs, grid_outputs, **GPU)
+    grid_outputs = [grid, grid_info, status]
+    generate_btn.click(show_grid, grid_inputs, grid_outputs, **GPU).then(
+        grid_ready, None, [status], **IN_ORDER
+    )
 
     # "multiple": a click or a chained next grid is never dropped because an earlier one (say
     # the no-op chain after a best click, waiting behind a sampling job) is still pending
     def then_next_grid(event) -> None:
-        inputs, outputs = {advance, *grid_inputs}, [prompt, *grid_outputs]
-        event.then(next_grid, inputs, outputs, trigger_mode="multiple", **GPU)
+        inputs, outputs = grid_inputs, [prompt, *grid_outputs]
+        shown = event.then(next_grid, inputs, outputs, trigger_mode="multiple", **GPU)
+        shown.then(grid_ready, None, [status], trigger_mode="multiple", **IN_ORDER)
 
-    marked = [pending_best, status, picks_count, advance]
-    picked = grid.select(select, [shown, pending_best, labeler], marked, trigger_mode="multiple")
+    marked = [status, picks_count]
+    picked = grid.select(select, [labeler], marked, trigger_mode="multiple", **IN_ORDER)
     then_next_grid(picked)
     for button, kind in ((tie_btn, "tie"), (skip_btn, "skip")):
         event = button.click(
-            lambda g, n, k=kind: mark(k, g, n),
-            [shown, labeler],
-            [status, picks_count, advance],
+            marker(kind),
+            [labeler],
+            marked,
             trigger_mode="multiple",
+            **IN_ORDER,
         )
         then_next_grid(event)
     undo_btn.click(undo, [labeler], [status, picks_count])
