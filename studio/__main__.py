@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,9 +51,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """The line to show when ``port`` cannot be served on ``host``, else None."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return f"cannot serve on {host}:{port} ({exc.strerror}); pass another --host"
+            return (
+                f"port {port} is in use (another studio?); pass another one, e.g. "
+                f"--port {port + 1 if port < 65535 else port - 1}"
+            )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
+    busy = port_in_use(args.host, args.port)
+    if busy:  # before the model loads: a second studio fails in a second, not after a minute
+        print(f"error: {busy}", file=sys.stderr)
+        return 2
     from .app import KEYS_JS, build_app
     from .controller import StudioController
 
@@ -62,15 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = build_app(controller)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    app.launch(
-        server_name=args.host,
-        server_port=args.port,
-        auth=auth,
-        share=False,
-        js=KEYS_JS,
-        prevent_thread_lock=True,
-        quiet=True,
-    )
+    try:
+        app.launch(
+            server_name=args.host,
+            server_port=args.port,
+            auth=auth,
+            share=False,
+            js=KEYS_JS,
+            prevent_thread_lock=True,
+            quiet=True,
+        )
+    except OSError:  # taken in the meantime
+        print(f"error: {port_in_use(args.host, args.port) or 'cannot serve'}", file=sys.stderr)
+        controller.close()
+        return 2
     print(
         f"D3PO Studio is ready at http://{args.host}:{args.port} (session {args.session}, "
         f"model {controller.model}; started in {time.perf_counter() - start:.1f} s)",

@@ -32,9 +32,15 @@ KEYS_JS = """
 """
 
 
+# small images are shown crisp (nearest neighbour), not blurred by the browser's smoothing
+CSS = """
+#grid img, #pick-gallery img { image-rendering: pixelated; }
+"""
+
+
 def build_app(ctl: StudioController) -> gr.Blocks:
     """The Blocks app for a controller (not launched)."""
-    with gr.Blocks(title="D3PO Studio") as app:
+    with gr.Blocks(title="D3PO Studio", css=CSS) as app:
         gr.Markdown("# D3PO Studio\nPick the best and the worst image of each grid; train a round.")
         gr.Markdown(views.model_line(ctl.model_info()), elem_id="model-info")
         with gr.Row():

@@ -57,6 +57,16 @@ class BlindPair:
 T = TypeVar("T")
 
 
+def side_by_side(best: Image.Image, worst: Image.Image, size: int = 192) -> Image.Image:
+    """Best beside worst, each scaled to ``size`` px crisply (nearest neighbour), a gap
+    between them."""
+    gap = max(4, size // 24)
+    pair = Image.new("RGB", (2 * size + gap, size), "white")
+    for i, image in enumerate((best, worst)):
+        pair.paste(image.resize((size, size), Image.NEAREST), (i * (size + gap), 0))
+    return pair
+
+
 def _oom_message() -> str:
     return "out of GPU memory: use a smaller grid or fewer steps (a round lowers its own use)"
 
@@ -333,6 +343,39 @@ class StudioController:
 
     def agreement(self) -> pd.DataFrame:
         return reports.agreement_df(self.session)
+
+    def labelers(self) -> pd.DataFrame:
+        return reports.labelers_df(self.session)
+
+    def pick_gallery(
+        self, round_filter: int | str = "all", labeler: str | None = None, limit: int = 48
+    ) -> list[tuple[Image.Image, str]]:
+        """The latest best/worst picks as images, best beside worst, with a caption.
+
+        ``round_filter``: "all", a round id (the picks it trained on) or "new" (not trained
+        yet); ``labeler``: one person's picks (None: everyone's).
+        """
+        table = export.picks_table(self.session)
+        table = table[table["kind"] == "pick"]
+        if labeler is not None:
+            table = table[table["labeler"] == labeler]
+        if round_filter == "new":
+            table = table[table["trained_round"].isna()]
+        elif round_filter != "all":
+            table = table[table["trained_round"] == int(round_filter)]
+        shown = []
+        for pick in table.sort_values("pick_id", ascending=False).head(limit).itertuples():
+            best = Image.open(self.session.root / pick.best_image).convert("RGB")
+            worst = Image.open(self.session.root / pick.worst_image).convert("RGB")
+            trained = (
+                "not trained yet"
+                if pd.isna(pick.trained_round)
+                else (f"round {int(pick.trained_round)}")
+            )
+            who = pick.labeler or "anonymous"
+            caption = f"Pick {pick.pick_id} · {who} · {trained} · “{pick.prompt}”: best | worst"
+            shown.append((side_by_side(best, worst), caption))
+        return shown
 
     def win_rates(self) -> pd.DataFrame:
         return reports.win_rates(self.session)

@@ -340,6 +340,7 @@ class HistoryPanel(_Panel):
     def __init__(self, ctl: StudioController) -> None:
         super().__init__(ctl)
         self.tables = widgets.HTML("")
+        self.plot = widgets.Output()
         self.round = widgets.Dropdown(options=[("base model", None)], description="Activate")
         self.activate_button = widgets.Button(description="Activate")
         self.refresh_button = widgets.Button(description="Refresh")
@@ -349,6 +350,7 @@ class HistoryPanel(_Panel):
             [
                 widgets.HBox([self.refresh_button, self.round, self.activate_button]),
                 self.status,
+                self.plot,
                 self.tables,
             ]
         )
@@ -361,9 +363,16 @@ class HistoryPanel(_Panel):
         self.tables.value = (
             "<h4>Rounds</h4>"
             + views.round_table(rounds).to_html(index=False)
+            + "<h4>Labelers</h4>"
+            + views.labelers_table(self.ctl.labelers()).to_html(index=False)
             + "<h4>Picks</h4>"
             + views.picks_table(self.ctl.picks()).to_html(index=False)
         )
+        with self.plot:
+            from IPython.display import display
+
+            self.plot.clear_output(wait=True)
+            display(views.metrics_figure(rounds))
 
     def activate(self) -> None:
         _, error = self._attempt(self.ctl.activate, self.round.value)

@@ -98,7 +98,8 @@ def label_tab(ctl: StudioController, shared: Shared) -> None:
             labeling.settled(request.session_hash)
             return gr.update(), gr.update(), error
         labeling.arrived(request.session_hash, view.grid_id)
-        return view.images, views.grid_caption(view), LOADING
+        shown = gr.Gallery(value=view.images, columns=views.grid_columns(len(view.images)))
+        return shown, views.grid_caption(view), LOADING
 
     def grid_ready(request: gr.Request):
         """Chained after a grid is shown: from now on clicks and keys count on it."""
@@ -323,46 +324,71 @@ def history_tab(ctl: StudioController, shared: Shared) -> tuple[Callable, None, 
     as ``(fn, inputs, outputs)`` for ``event.then(*...)`` and ``app.load(*...)``.
     """
     refresh_btn = gr.Button("Refresh")
-    metrics_plot = gr.LinePlot(
-        x="round", y="value", color="metric", label="Metrics per round", height=240
-    )
+    metrics_plot = gr.Plot(label="Metrics per round", elem_id="metrics-plot")
     rounds_table = gr.Dataframe(label="Rounds", interactive=False, elem_id="rounds-table")
     with gr.Row():
         activate_pick = gr.Dropdown(label="Activate round", choices=[])
         activate_btn = gr.Button("Activate")
         base_btn = gr.Button("Roll back to the base model")
-    picks_table = gr.Dataframe(label="Picks", interactive=False)
+    gr.Markdown("**What the model was taught**: each pick's best beside its worst.")
+    with gr.Row():
+        gallery_round = gr.Dropdown(
+            [("all rounds", "all"), ("not trained yet", "new")], value="all", label="Round"
+        )
+        gallery_labeler = gr.Dropdown([("everyone", "")], value="", label="Labeler")
+    pick_gallery = gr.Gallery(
+        columns=3, allow_preview=True, height="auto", elem_id="pick-gallery", label="Picks"
+    )
+    labelers_table = gr.Dataframe(label="Labelers", interactive=False, elem_id="labelers-table")
     agreement_table = gr.Dataframe(label="Agreement between labelers", interactive=False)
+    picks_table = gr.Dataframe(label="Picks", interactive=False)
 
-    def refresh():
+    def gallery(round_filter, labeler):
+        return ctl.pick_gallery(round_filter or "all", labeler or None)
+
+    def refresh(round_filter="all", labeler=""):
         rounds = ctl.rounds()
         ids = views.round_ids(rounds)
+        names = sorted(n for n in ctl.picks()["labeler"].unique() if n)
         return (
-            views.metrics_long(rounds),
+            views.metrics_figure(rounds),
             views.round_table(rounds),
             views.picks_table(ctl.picks()),
+            views.labelers_table(ctl.labelers()),
             ctl.agreement(),
             gr.update(choices=ids),
             gr.update(choices=ids, value=ids[-1] if ids else None),
             views.win_rate_table(ctl.win_rates()),
+            gr.update(
+                choices=[("all rounds", "all"), ("not trained yet", "new")]
+                + [(f"round {i}", str(i)) for i in ids]
+            ),
+            gr.update(choices=[("everyone", "")] + [(n, n) for n in names]),
+            gallery(round_filter, labeler),
         )
 
     outputs = [
         metrics_plot,
         rounds_table,
         picks_table,
+        labelers_table,
         agreement_table,
         activate_pick,
         shared.round_pick,
         shared.rates,
+        gallery_round,
+        gallery_labeler,
+        pick_gallery,
     ]
+    for choice in (gallery_round, gallery_labeler):
+        choice.input(gallery, [gallery_round, gallery_labeler], [pick_gallery])
 
     def activate(round_id):
         round_id = None if round_id is None else int(round_id)
         _, error = ctl.attempt(ctl.activate, round_id)
         return error or views.activated(round_id)
 
-    refresh_btn.click(refresh, None, outputs)
+    refresh_btn.click(refresh, [gallery_round, gallery_labeler], outputs)
     activate_btn.click(activate, [activate_pick], [shared.status], **GPU).then(
         refresh, None, outputs
     )

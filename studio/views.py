@@ -5,21 +5,48 @@ Plain functions of the controller's results, so the two front ends say the same 
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pandas as pd
 
 from .controller import BlindPair, GridView
 
-ROUND_COLUMNS = (
-    "id",
-    "active",
-    "created",
-    "metric_picks",
-    "metric_loss",
-    "metric_accuracy",
-    "heldout_agreement",
-    "metric_seconds",
-)
-PLOTTED_METRICS = ("metric_loss", "metric_accuracy", "heldout_agreement")
+#: the rounds' columns worth reading, by the name History shows them under
+ROUND_COLUMNS = {
+    "id": "Round",
+    "active": "Active",
+    "created": "Trained",
+    "setting_method": "Method",
+    "metric_picks": "Picks",
+    "metric_loss": "Loss",
+    "metric_accuracy": "Accuracy",
+    "heldout_agreement": "Held-out agreement",
+    "metric_seconds": "Seconds",
+}
+PICK_COLUMNS = {
+    "id": "Pick",
+    "grid_id": "Grid",
+    "prompt": "Prompt",
+    "best": "Best",
+    "worst": "Worst",
+    "kind": "Kind",
+    "labeler": "Labeler",
+    "created": "Made",
+}
+PLOTTED_METRICS = {
+    "metric_loss": "loss",
+    "metric_accuracy": "accuracy",
+    "heldout_agreement": "held-out agreement",
+}
+LABELER_COLUMNS = {
+    "labeler": "Labeler",
+    "picks": "Picks",
+    "ties": "Ties",
+    "skips": "Skips",
+    "shared_grids": "Grids shared with others",
+    "agreement": "Same best and worst",
+    "best_agreement": "Same best",
+}
 WIN_RATE_COLUMNS = ["round", "wins", "losses", "ties", "win_rate"]
 CANCELLED = "Cancelled; nothing was saved and your picks wait for the next round."
 
@@ -87,24 +114,86 @@ def round_ids(rounds: pd.DataFrame) -> list[int]:
     return [int(r) for r in rounds["id"]] if len(rounds) else []
 
 
+def local_time(stamps: pd.Series) -> pd.Series:
+    """UTC timestamps as this machine's local time, to the minute."""
+    zone = datetime.now().astimezone().tzinfo
+    return stamps.dt.tz_convert(zone).dt.strftime("%Y-%m-%d %H:%M")
+
+
+def _readable(table: pd.DataFrame, names: dict[str, str], digits: int = 3) -> pd.DataFrame:
+    """The named columns, numbers rounded, timestamps local, under their human names."""
+    table = table[[c for c in names if c in table]].copy()
+    for column in table:
+        if pd.api.types.is_datetime64_any_dtype(table[column]):
+            table[column] = local_time(table[column])
+        elif pd.api.types.is_float_dtype(table[column]):
+            table[column] = table[column].round(digits)
+    return table.rename(columns=names)
+
+
 def round_table(rounds: pd.DataFrame) -> pd.DataFrame:
-    """The rounds with the columns worth reading."""
-    return rounds[[c for c in ROUND_COLUMNS if c in rounds]]
+    """The rounds as History shows them: human names, rounded numbers, local time."""
+    table = _readable(rounds, ROUND_COLUMNS)
+    if "Active" in table:
+        table["Active"] = table["Active"].map({True: "yes", False: ""})
+    if "Seconds" in table:
+        table["Seconds"] = table["Seconds"].round(1)
+    return table
 
 
 def picks_table(picks: pd.DataFrame) -> pd.DataFrame:
-    return picks.drop(columns=["created"], errors="ignore")
+    """The picks as History shows them; images are numbered from 1, as on the grid."""
+    table = _readable(picks, PICK_COLUMNS)
+    for column in ("Best", "Worst"):
+        if column in table:
+            table[column] = (table[column] + 1).astype("Int64")
+    return table
+
+
+def labelers_table(labelers: pd.DataFrame) -> pd.DataFrame:
+    """Each labeler's picks and agreement with the others on the grids they share."""
+    return _readable(labelers, LABELER_COLUMNS, digits=2)
 
 
 def metrics_long(rounds: pd.DataFrame) -> pd.DataFrame:
-    """Per-round metrics in long form (round, metric, value) for a line plot."""
+    """Per-round metrics in long form (round, metric, value)."""
     if not len(rounds):
         return pd.DataFrame({"round": [], "metric": [], "value": []})
     cols = [c for c in PLOTTED_METRICS if c in rounds]
     long = rounds.melt(id_vars="id", value_vars=cols, var_name="metric", value_name="value")
-    long["metric"] = long["metric"].str.removeprefix("metric_").str.replace("_", " ")
+    long["metric"] = long["metric"].map(PLOTTED_METRICS)
     long = long.dropna(subset=["value"])
     return long.rename(columns={"id": "round"})
+
+
+def metrics_figure(rounds: pd.DataFrame):
+    """Every round's loss, accuracy and held-out agreement, a marker per round (one round
+    is a point, not an empty plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 2.6), layout="constrained")
+    axes = figure.subplots()
+    long = metrics_long(rounds)
+    for metric, part in long.groupby("metric", sort=False):
+        axes.plot(part["round"], part["value"], marker="o", label=metric)
+    axes.set_xlabel("round")
+    axes.set_title("Metrics per round")
+    if len(long):
+        axes.set_xticks(sorted(long["round"].unique()))
+        axes.legend(loc="best", fontsize="small")
+    else:
+        axes.text(0.5, 0.5, "no rounds yet", ha="center", va="center", transform=axes.transAxes)
+    return figure
+
+
+def grid_columns(n: int) -> int:
+    """Columns of a grid of n images: at most 8 a row (a laptop-sized window), rows as even
+    as they can be, so at most one cell a row is left empty."""
+    rows = -(-n // 8)
+    return -(-n // rows)
 
 
 def win_rate_table(rates: pd.DataFrame) -> pd.DataFrame:

@@ -149,7 +149,10 @@ def test_label_train_compare_in_a_real_browser(studio):
         # compare: a blind pair and a vote
         page.get_by_role("tab", name="History").click()
         page.get_by_role("button", name="Refresh").click()
-        expect(page.locator("#rounds-table")).to_contain_text("true", timeout=60_000)
+        expect(page.locator("#rounds-table")).to_contain_text("yes", timeout=60_000)
+        # what the model was taught: every pick's best beside its worst, and who picked
+        expect(page.locator("#pick-gallery img")).to_have_count(4, timeout=60_000)
+        expect(page.locator("#labelers-table")).to_contain_text("ben")
         page.get_by_role("tab", name="Compare").click()
         page.click("#pair-btn")
         expect(page.locator("#reveal")).to_contain_text("Vote", timeout=120_000)
@@ -158,7 +161,7 @@ def test_label_train_compare_in_a_real_browser(studio):
         page.screenshot(path=str(shots / "compare.png"), full_page=True)
         page.get_by_role("tab", name="History").click()
         page.get_by_role("button", name="Refresh").click()
-        expect(page.locator("#rounds-table")).to_contain_text("true", timeout=60_000)
+        expect(page.locator("#rounds-table")).to_contain_text("yes", timeout=60_000)
         page.screenshot(path=str(shots / "history.png"), full_page=True)
         page.get_by_role("tab", name="Export").click()
         page.screenshot(path=str(shots / "export.png"), full_page=True)

@@ -48,7 +48,7 @@ def test_label_train_compare_history_by_clicks(ctl):
     assert "Left was" in compare.status.value and "win_rate" in compare.rates.value
 
     history = HistoryPanel(ctl)
-    assert "round 1" in str(history.round.options) and "heldout_agreement" in history.tables.value
+    assert "round 1" in str(history.round.options) and "Held-out agreement" in history.tables.value
     history.round.value = None
     history.activate_button.click()
     assert ctl.session.active_round is None and "Base model active" in history.status.value

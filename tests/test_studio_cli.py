@@ -36,3 +36,19 @@ def test_a_model_that_cannot_load_is_one_line_and_exit_code_2(tmp_path, capsys):
     code = main(["--model", str(tmp_path / "no-model"), "--session", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: model folder not found") and "Traceback" not in err
+
+
+def test_a_busy_port_says_which_flag_to_use(tmp_path, capsys):
+    import socket
+
+    from studio.__main__ import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["--port", str(port), "--session", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: port {port} is in use")
+    assert f"--port {port + 1}" in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()  # it stopped before opening anything

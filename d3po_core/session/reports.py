@@ -9,14 +9,13 @@ import pandas as pd
 
 from .store import Session
 
+_AGREE = ("grid_id", "agreement", "best_agreement")
 
-def agreement_df(session: Session) -> pd.DataFrame:
-    """Agreement per labeler pair over grids both labeled with a best/worst pick.
 
-    Each labeler's latest live label of a grid counts (a later tie/skip replaces a pick).
-    Columns: labeler_a, labeler_b, n_grids, agreement (same best and same worst),
-    best_agreement (same best). Empty if no grid has picks from two labelers.
-    """
+def _shared_grids(session: Session) -> pd.DataFrame:
+    """One row per grid and pair of labelers who both picked on it (each labeler's latest
+    live label of a grid counts: a later tie/skip replaces a pick), with ``agreement`` (same
+    best and same worst) and ``best_agreement`` (same best)."""
     picks = session.picks_df()
     latest = picks.sort_values("id").groupby(["grid_id", "labeler"]).tail(1)
     latest = latest.loc[latest["kind"] == "pick", ["grid_id", "labeler", "best", "worst"]]
@@ -24,12 +23,52 @@ def agreement_df(session: Session) -> pd.DataFrame:
     pairs = pairs[pairs["labeler_a"] < pairs["labeler_b"]]
     same_best = (pairs["best_a"] == pairs["best_b"]).astype(float)
     same_worst = (pairs["worst_a"] == pairs["worst_b"]).astype(float)
-    pairs = pairs.assign(agreement=same_best * same_worst, best_agreement=same_best)
-    return pairs.groupby(["labeler_a", "labeler_b"], as_index=False).agg(
-        n_grids=("grid_id", "size"),
+    return pairs.assign(agreement=same_best * same_worst, best_agreement=same_best)
+
+
+def agreement_df(session: Session) -> pd.DataFrame:
+    """Agreement per labeler pair over grids both labeled with a best/worst pick.
+
+    Columns: labeler_a, labeler_b, n_grids, agreement (same best and same worst),
+    best_agreement (same best). Empty if no grid has picks from two labelers.
+    """
+    return (
+        _shared_grids(session)
+        .groupby(["labeler_a", "labeler_b"], as_index=False)
+        .agg(
+            n_grids=("grid_id", "size"),
+            agreement=("agreement", "mean"),
+            best_agreement=("best_agreement", "mean"),
+        )
+    )
+
+
+def labelers_df(session: Session) -> pd.DataFrame:
+    """Per labeler: live picks, ties and skips, the grids shared with another labeler, and
+    how often the others chose the same best and worst there (``agreement``) or the same
+    best (``best_agreement``); NaN for someone who shares no grid."""
+    picks = session.picks_df()
+    columns = ["labeler", "picks", "ties", "skips", "shared_grids", "agreement", "best_agreement"]
+    if picks.empty:
+        return pd.DataFrame(columns=columns)
+    counts = pd.crosstab(picks["labeler"], picks["kind"])
+    counts = counts.reindex(columns=["pick", "tie", "skip"], fill_value=0)
+    counts.columns = ["picks", "ties", "skips"]
+    pairs = _shared_grids(session)
+    both = pd.concat(
+        [
+            pairs.rename(columns={"labeler_a": "labeler"})[["labeler", *_AGREE]],
+            pairs.rename(columns={"labeler_b": "labeler"})[["labeler", *_AGREE]],
+        ]
+    )
+    shared = both.groupby("labeler").agg(
+        shared_grids=("grid_id", "nunique"),
         agreement=("agreement", "mean"),
         best_agreement=("best_agreement", "mean"),
     )
+    table = counts.join(shared, how="left").reset_index()
+    table["shared_grids"] = table["shared_grids"].fillna(0).astype(int)
+    return table[columns]
 
 
 def win_rates(session: Session) -> pd.DataFrame:
