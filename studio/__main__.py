@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if busy:  # before the model loads: a second studio fails in a second, not after a minute
         print(f"error: {busy}", file=sys.stderr)
         return 2
-    from .app import KEYS_JS, build_app
+    from .app import CSS, KEYS_JS, build_app
     from .controller import StudioController
 
     try:
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             auth=auth,
             share=False,
             js=KEYS_JS,
+            css=CSS,
             prevent_thread_lock=True,
             quiet=True,
         )

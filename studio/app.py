@@ -40,7 +40,7 @@ CSS = """
 
 def build_app(ctl: StudioController) -> gr.Blocks:
     """The Blocks app for a controller (not launched)."""
-    with gr.Blocks(title="D3PO Studio", css=CSS) as app:
+    with gr.Blocks(title="D3PO Studio") as app:
         gr.Markdown("# D3PO Studio\nPick the best and the worst image of each grid; train a round.")
         gr.Markdown(views.model_line(ctl.model_info()), elem_id="model-info")
         with gr.Row():

@@ -98,7 +98,9 @@ def label_tab(ctl: StudioController, shared: Shared) -> None:
             labeling.settled(request.session_hash)
             return gr.update(), gr.update(), error
         labeling.arrived(request.session_hash, view.grid_id)
-        shown = gr.Gallery(value=view.images, columns=views.grid_columns(len(view.images)))
+        shown = gr.Gallery(
+            value=views.crisp(view.images), columns=views.grid_columns(len(view.images))
+        )
         return shown, views.grid_caption(view), LOADING
 
     def grid_ready(request: gr.Request):
@@ -284,7 +286,8 @@ def compare_tab(ctl: StudioController, shared: Shared) -> None:
         images, error = ctl.attempt(ctl.compare, int(round_id), text, seeds)
         if error:
             return gr.update(), gr.update(), error
-        return *images, f"Base vs round {round_id}, seeds 0–{int(n) - 1}."
+        base, tuned = (views.crisp(side) for side in images)
+        return base, tuned, f"Base vs round {round_id}, seeds 0–{int(n) - 1}."
 
     def new_pair(round_id, text):
         if round_id is None:
@@ -292,7 +295,8 @@ def compare_tab(ctl: StudioController, shared: Shared) -> None:
         pair, error = ctl.attempt(ctl.blind_pair, int(round_id), text)
         if error:
             return None, None, None, error
-        return pair.left, pair.right, pair, "Vote: which is better?"
+        left, right = views.crisp([pair.left, pair.right])
+        return left, right, pair, "Vote: which is better?"
 
     def vote(pair, choice, name):
         if pair is None:
@@ -337,7 +341,12 @@ def history_tab(ctl: StudioController, shared: Shared) -> tuple[Callable, None, 
         )
         gallery_labeler = gr.Dropdown([("everyone", "")], value="", label="Labeler")
     pick_gallery = gr.Gallery(
-        columns=3, allow_preview=True, height="auto", elem_id="pick-gallery", label="Picks"
+        columns=3,
+        allow_preview=True,
+        height="auto",
+        object_fit="contain",
+        elem_id="pick-gallery",
+        label="Picks",
     )
     labelers_table = gr.Dataframe(label="Labelers", interactive=False, elem_id="labelers-table")
     agreement_table = gr.Dataframe(label="Agreement between labelers", interactive=False)
@@ -355,7 +364,7 @@ def history_tab(ctl: StudioController, shared: Shared) -> tuple[Callable, None, 
             views.round_table(rounds),
             views.picks_table(ctl.picks()),
             views.labelers_table(ctl.labelers()),
-            ctl.agreement(),
+            views.agreement_table(ctl.agreement()),
             gr.update(choices=ids),
             gr.update(choices=ids, value=ids[-1] if ids else None),
             views.win_rate_table(ctl.win_rates()),

@@ -150,6 +150,20 @@ def picks_table(picks: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+AGREEMENT_COLUMNS = {
+    "labeler_a": "Labeler",
+    "labeler_b": "and labeler",
+    "n_grids": "Grids both picked",
+    "agreement": "Same best and worst",
+    "best_agreement": "Same best",
+}
+
+
+def agreement_table(agreement: pd.DataFrame) -> pd.DataFrame:
+    """How often two labelers chose alike on the grids they both picked."""
+    return _readable(agreement, AGREEMENT_COLUMNS, digits=2)
+
+
 def labelers_table(labelers: pd.DataFrame) -> pd.DataFrame:
     """Each labeler's picks and agreement with the others on the grids they share."""
     return _readable(labelers, LABELER_COLUMNS, digits=2)
@@ -187,6 +201,20 @@ def metrics_figure(rounds: pd.DataFrame):
     else:
         axes.text(0.5, 0.5, "no rounds yet", ha="center", va="center", transform=axes.transAxes)
     return figure
+
+
+def crisp(images: list, side: int = 256) -> list:
+    """Small images scaled up by a whole factor with nearest neighbour, so the browser shows
+    their pixels sharp instead of smoothing a 64 px image into a blur; large ones as they are."""
+    from PIL import Image
+
+    out = []
+    for image in images:
+        factor = -(-side // max(image.size))
+        if factor > 1:
+            image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+        out.append(image)
+    return out
 
 
 def grid_columns(n: int) -> int:

@@ -162,6 +162,9 @@ def test_label_train_compare_in_a_real_browser(studio):
         page.get_by_role("tab", name="History").click()
         page.get_by_role("button", name="Refresh").click()
         expect(page.locator("#rounds-table")).to_contain_text("yes", timeout=60_000)
+        expect(page.locator("#metrics-plot img")).to_be_visible(timeout=60_000)
+        expect(page.locator("#pick-gallery img").first).to_be_visible()
+        expect(page.get_by_text("processing |")).to_have_count(0, timeout=60_000)  # refreshed
         page.screenshot(path=str(shots / "history.png"), full_page=True)
         page.get_by_role("tab", name="Export").click()
         page.screenshot(path=str(shots / "export.png"), full_page=True)

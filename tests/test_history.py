@@ -84,3 +84,31 @@ def test_grids_of_any_size_fill_their_rows():
         assert columns <= 8 and rows * columns - n < rows  # at most one empty cell a row
     assert [views.grid_columns(n) for n in (2, 4, 6, 9, 12, 16)] == [2, 4, 6, 5, 6, 8]
     assert views.metrics_long(pd.DataFrame()).empty
+
+
+def test_agreement_between_two_labelers_reads_in_words(ctl):
+    grids = _label(ctl, 1, "ana")
+    ctl.pick(grids[0], best=0, worst=1, labeler="ben")
+    table = views.agreement_table(ctl.agreement())
+    assert table.to_dict("records") == [
+        {
+            "Labeler": "ana",
+            "and labeler": "ben",
+            "Grids both picked": 1,
+            "Same best and worst": 1.0,
+            "Same best": 1.0,
+        }
+    ]
+
+
+def test_small_images_are_shown_crisp():
+    from PIL import Image
+
+    small = Image.new("RGB", (64, 64), "white")
+    small.putpixel((0, 0), (255, 0, 0))
+    (big,) = views.crisp([small])
+    assert big.size == (256, 256)
+    assert {big.getpixel((x, y)) for x in range(4) for y in range(4)} == {(255, 0, 0)}
+    assert big.getpixel((4, 4)) == (255, 255, 255)  # no smoothing across the pixel's edge
+    large = Image.new("RGB", (512, 512))
+    assert views.crisp([large])[0] is large
