@@ -32,9 +32,11 @@ KEYS_JS = """
 """
 
 
-# small images are shown crisp (nearest neighbour), not blurred by the browser's smoothing
+# small images are shown crisp (nearest neighbour), not blurred by the browser's smoothing;
+# the grid is as tall as its rows (Gradio's gallery keeps a fixed 450 px otherwise)
 CSS = """
-#grid img, #pick-gallery img { image-rendering: pixelated; }
+#grid img, #pick-gallery img, #left-img img, #right-img img { image-rendering: pixelated; }
+#grid .grid-wrap, #pick-gallery .grid-wrap { min-height: 0 !important; height: auto !important; }
 """
 
 

@@ -99,6 +99,20 @@ def test_label_train_compare_in_a_real_browser(studio):
         page.click("#generate-btn")
         status = page.locator("#status")
         expect(status).to_contain_text("Click the best", timeout=120_000)
+        # the grid is as tall as its row of images (no dead space) and drawn crisp
+        page.wait_for_function(
+            """() => {
+              const wrap = document.querySelector('#grid .grid-wrap');
+              const item = document.querySelector('#grid .thumbnail-item');
+              if (!wrap || !item) return false;
+              const h = item.getBoundingClientRect().height;
+              return h > 100 && wrap.getBoundingClientRect().height < h + 60;
+            }"""
+        )
+        rendering = page.locator("#grid img").first.evaluate(
+            "e => getComputedStyle(e).imageRendering"
+        )
+        assert rendering == "pixelated"
         page.screenshot(path=str(shots / "label.png"), full_page=True)
 
         # grid 1 with the mouse: best = image 2, worst = image 4
