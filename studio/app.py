@@ -44,7 +44,15 @@ def build_app(ctl: StudioController) -> gr.Blocks:
     """The Blocks app for a controller (not launched)."""
     with gr.Blocks(title="D3PO Studio") as app:
         gr.Markdown("# D3PO Studio\nPick the best and the worst image of each grid; train a round.")
-        gr.Markdown(views.model_line(ctl.model_info()), elem_id="model-info")
+        model_info = gr.Markdown(views.model_line(ctl.model_info()), elem_id="model-info")
+        with gr.Accordion("Session folder", open=False), gr.Row():
+            folder = gr.Textbox(
+                value=str(ctl.session_root),
+                label="Session folder (a new folder starts a new session)",
+                scale=4,
+                elem_id="session-folder",
+            )
+            open_btn = gr.Button("Open", elem_id="open-session")
         with gr.Row():
             labeler = gr.Textbox(label="Your name (saved with every pick)", scale=2)
             status = gr.Markdown("Ready.", elem_id="status")
@@ -60,6 +68,16 @@ def build_app(ctl: StudioController) -> gr.Blocks:
         with gr.Tab("Export", id="export"):
             tabs.export_tab(ctl)
         trained.then(*refresh_history)  # a new round shows in Compare and History
+
+        def open_session(path):
+            said, error = ctl.attempt(ctl.switch_session, (path or "").strip())
+            waiting = views.picks_waiting(ctl.picks_since_last_round())
+            return views.model_line(ctl.model_info()), error or said, waiting
+
+        opened = open_btn.click(
+            open_session, [folder], [model_info, status, shared.picks_count], **tabs.GPU
+        )
+        opened.then(*refresh_history)
         app.load(*refresh_history)
         stored_name = gr.BrowserState("", storage_key="d3po-labeler")
         labeler.change(lambda name: name, [labeler], [stored_name])

@@ -100,6 +100,7 @@ class StudioController:
         side = unet.config.sample_size * self.pipe.vae_scale_factor
         s = self.sample_settings
         return {
+            "session": str(self.session.root),
             "model": "embedded model" if self.model == str(default_model()) else self.model,
             "family": self.pipe.family.label,
             "height": s.height or side,
@@ -107,6 +108,23 @@ class StudioController:
             "device": unet.device.type,
             "dtype": str(unet.dtype).removeprefix("torch."),
         }
+
+    def switch_session(self, folder: str | Path) -> str:
+        """Work in another session folder (created if new) from now on; the current one
+        stays open if the new one cannot be opened. The new session's active round is
+        loaded when its adapter fits the model (else the base model, said)."""
+        with self._gpu:
+            new = Session.open(folder)
+            old, self.session = self.session, new
+            old.close()
+            try:
+                workflow.sync_active(self.pipe, self.session)
+            except ModelLoadError as exc:
+                remove_lora(self.pipe.unet)
+                return f"Opened {new.root}; its active round does not load here ({exc})."
+            if self.session.active_round is None:
+                remove_lora(self.pipe.unet)
+        return f"Opened {new.root}."
 
     def switch_model(self, model: str | None, *, device: str | None = None, dtype=None) -> str:
         """Load another model (a folder or hub id; None: the embedded model) in place of this

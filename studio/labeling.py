@@ -27,6 +27,7 @@ class TabState:
     incoming: int | None = None  # a sampled grid not yet on screen
     labeled: bool = False  # the grid on screen has its pick, tie or skip
     next_due: bool = False  # a save asked for the next grid; the first chained event takes it
+    session: object = None  # the session folder the grid on screen belongs to
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,12 @@ class Labeling:
         self._lock = threading.Lock()
 
     def tab(self, client: str) -> TabState:
+        """The tab's state; a grid of a session the studio has since left no longer counts."""
         with self._lock:
-            return self._tabs.setdefault(client, TabState())
+            state = self._tabs.setdefault(client, TabState())
+        if state.grid_id is not None and state.session != self.ctl.session_root:
+            state.grid_id, state.best = None, None
+        return state
 
     def loading(self, client: str) -> None:
         """A grid is being sampled for this tab: clicks wait for it."""
@@ -58,7 +63,8 @@ class Labeling:
 
     def arrived(self, client: str, grid_id: int) -> None:
         """The grid is sampled and on its way to the screen (still loading)."""
-        self.tab(client).incoming = grid_id
+        state = self.tab(client)
+        state.incoming, state.session = grid_id, self.ctl.session_root
 
     def ready(self, client: str) -> bool:
         """The arrived grid is on screen; False when none was on its way."""

@@ -234,7 +234,8 @@ def win_rate_table(rates: pd.DataFrame) -> pd.DataFrame:
 
 def model_line(info: dict) -> str:
     """The model the studio samples with, in one line."""
-    return (
+    line = (
         f"Model: **{info['model']}** · {info['family']} · {info['width']}×{info['height']} px · "
         f"{info['device']} {info['dtype']}"
     )
+    return line + (f" · session `{info['session']}`" if "session" in info else "")

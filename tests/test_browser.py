@@ -186,6 +186,13 @@ def test_label_train_compare_in_a_real_browser(studio):
         page.reload(wait_until="domcontentloaded")
         name = page.get_by_label("Your name (saved with every pick)")
         expect(name).to_have_value("ana", timeout=60_000)
+        # a new session folder from the page: a fresh session, said and shown
+        page.get_by_text("Session folder", exact=True).click()
+        page.fill("#session-folder textarea", str(session_dir.parent / "second"))
+        page.click("#open-session")
+        expect(page.locator("#status")).to_contain_text("Opened", timeout=60_000)
+        expect(page.locator("#pick-counter")).to_contain_text("0 pick(s)")
+        expect(page.locator("#model-info")).to_contain_text("second")
         browser.close()
 
     with Session.open(session_dir) as session:

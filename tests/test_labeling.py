@@ -77,3 +77,15 @@ def test_the_next_grid_is_due_once_per_save(ctl):
     labeling.select("tab", 1, "")
     labeling.select("tab", 2, "")  # a late key, ignored
     assert labeling.take_next("tab") and not labeling.take_next("tab")
+
+
+def test_switching_sessions_leaves_no_grid_to_pick_on(ctl, tmp_path):
+    labeling = Labeling(ctl)
+    labeling.showing("tab", _grid(ctl))
+    labeling.select("tab", 0, "")
+    assert ctl.switch_session(tmp_path / "other") == f"Opened {tmp_path / 'other'}."
+    assert labeling.select("tab", 1, "").message == "Generate a grid first."
+    assert ctl.picks().empty and ctl.model_info()["session"] == str(tmp_path / "other")
+    labeling.showing("tab", _grid(ctl))
+    labeling.select("tab", 0, "")
+    assert labeling.select("tab", 1, "").advance and len(ctl.picks()) == 1
