@@ -27,6 +27,10 @@ class SessionError(D3POError):
     """Bad input or a bad session folder."""
 
 
+class SessionBusy(SessionError):
+    """Another process (or thread) is training a round on the same session."""
+
+
 class ModelLoadError(D3POError):
     """A model or an adapter could not be loaded."""
 

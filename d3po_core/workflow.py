@@ -6,6 +6,7 @@ commit its adapter; activate a round (or the base model) in the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Sequence
 
@@ -143,12 +144,22 @@ def train_round(
     A method on picks (D3PO) trains on the picks since the last round (and as many earlier
     ones with ``replay``)
     and first measures the active round's held-out agreement on the new picks;
+    one round at a time on a session (another process's round: :class:`SessionBusy`);
     a method on rewards (DDPO, P3O) on ``rewarded``: (grid id, a reward per image) pairs, and
     consumes no picks. Under a multi-process launch only the main process writes the round
     (round id None elsewhere). A cancelled or failed round commits nothing and leaves the
     adapter unchanged.
     """
     config = config or METHODS[DEFAULT_METHOD].config()
+    main = accelerator is None or accelerator.is_main_process
+    # one round at a time on a session; a launch's other processes follow its main one
+    with session.round_lock() if main else contextlib.nullcontext():
+        return _train_round(
+            pipe, session, config, rewarded, on_progress, should_cancel, accelerator
+        )
+
+
+def _train_round(pipe, session, config, rewarded, on_progress, should_cancel, accelerator):
     method = method_of(config)
     extra: dict = {}
     if method.inputs == "picks":

@@ -24,7 +24,9 @@ import json
 import operator
 import os
 import shutil
+import socket
 import sqlite3
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,7 +41,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from d3po_core.errors import SessionError
+from d3po_core.errors import SessionBusy, SessionError
 from d3po_core.settings import MAX_PROMPT_CHARS, SampleSettings, spec
 
 from .files import (
@@ -163,6 +165,36 @@ class Session:
         self.close()
 
     # -- plumbing -------------------------------------------------------------------------------
+
+    @contextmanager
+    def round_lock(self) -> Iterator[None]:
+        """One round at a time on this session, across processes: held from reading the new
+        picks to committing the round. A second round is refused at once with
+        :class:`SessionBusy`, naming the process that trains (labeling and generating go on).
+        """
+        path = self.root / "training.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = path.read_text(errors="replace").strip() or "another process"
+                    raise SessionBusy(
+                        f"a round is already training on {self.root} ({holder}); wait for it "
+                        "to finish, or cancel it there — your new picks wait for the next round"
+                    ) from None
+            since = datetime.now().astimezone().strftime("%H:%M:%S")
+            command = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, `{command}`, "
+                      f"since {since}".encode(), 0)  # fmt: skip
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # releases the flock
 
     def _acquire_file_lock(self) -> bool:
         """Hold a shared flock while open; return True if no other session is open (exclusive).
