@@ -110,29 +110,35 @@ def rounds(pipe, settings: SampleSettings, config: D3POConfig, picks: int, repea
     }
 
 
+def clip_config(tokenizer, hidden: int, layers: int, heads: int, **kwargs):
+    """A CLIP text encoder's config of the given width and depth for a byte tokenizer."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max(77, tokenizer.model_max_length),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
+
+
 def build_sd15(folder: Path, size: int) -> Path:
     """A Stable Diffusion 1.5-architecture pipeline with random weights, saved to ``folder``."""
     from diffusers import AutoencoderKL, DDIMScheduler
     from diffusers import UNet2DConditionModel as UNet
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     from d3po_core.tiny_model import write_byte_tokenizer
 
     torch.manual_seed(0)
     tokenizer = write_byte_tokenizer(folder / "tokenizer")
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=max(77, tokenizer.model_max_length),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(clip_config(tokenizer, 768, 12, 12))
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
@@ -161,33 +167,21 @@ def build_sd15(folder: Path, size: int) -> Path:
 def build_sdxl(folder: Path, size: int, device: str = "cpu") -> Path:
     """An SDXL-architecture pipeline with random weights (UNet 2.6 B, CLIP ViT-L and OpenCLIP
     bigG text encoders, VAE), built on ``device`` (fast on a GPU) and saved in fp16."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL
     from diffusers import UNet2DConditionModel as UNet
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from d3po_core.tiny_model import write_byte_tokenizer
+    from d3po_core.tiny_model import assemble_sdxl_pipeline, write_byte_tokenizer
 
     torch.manual_seed(0)
     tokenizer = write_byte_tokenizer(folder / "tokenizer", max_length=77)
     tokenizer_2 = write_byte_tokenizer(folder / "tokenizer_2", max_length=77)
 
-    def text(hidden: int, layers: int, heads: int, **kwargs) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **kwargs,
-        )
-
     with torch.device(device):
-        text_encoder = CLIPTextModel(text(768, 12, 12))
-        text_encoder_2 = CLIPTextModelWithProjection(text(1280, 32, 20, projection_dim=1280))
+        text_encoder = CLIPTextModel(clip_config(tokenizer, 768, 12, 12))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            clip_config(tokenizer, 1280, 32, 20, projection_dim=1280)
+        )
         vae = AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
@@ -210,21 +204,13 @@ def build_sdxl(folder: Path, size: int, device: str = "cpu") -> Path:
             addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
         )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
-    pipe = StableDiffusionXLPipeline(
+    pipe = assemble_sdxl_pipeline(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=scheduler,
     )
     pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     return folder

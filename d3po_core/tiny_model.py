@@ -176,6 +176,21 @@ def build_tiny_sdxl_pipeline(out_dir: str | Path, *, seed: int = 0, image_size: 
         projection_class_embeddings_input_dim=6 * 8 + 16,
         norm_num_groups=8,
     )
+    pipe = assemble_sdxl_pipeline(
+        vae=_tiny_vae(image_size),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def assemble_sdxl_pipeline(**parts) -> StableDiffusionXLPipeline:
+    """An SDXL pipeline from its parts (VAE, both text encoders and tokenizers, UNet) with
+    SDXL base's scheduler config (Euler, scaled-linear betas, "leading" spacing)."""
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -183,14 +198,4 @@ def build_tiny_sdxl_pipeline(out_dir: str | Path, *, seed: int = 0, image_size: 
         steps_offset=1,
         timestep_spacing="leading",
     )
-    pipe = StableDiffusionXLPipeline(
-        vae=_tiny_vae(image_size),
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    return StableDiffusionXLPipeline(scheduler=scheduler, **parts)

@@ -6,7 +6,11 @@ status line and the keyboard shortcuts; each tab is one function in :mod:`studio
 
 from __future__ import annotations
 
-import gradio as gr
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio reads it
+
+import gradio as gr  # noqa: E402
 
 from . import tabs, views
 from .controller import StudioController
@@ -42,7 +46,8 @@ CSS = """
 
 def build_app(ctl: StudioController) -> gr.Blocks:
     """The Blocks app for a controller (not launched)."""
-    with gr.Blocks(title="D3PO Studio") as app:
+    # no usage reports: a local tool for private pictures asks nothing of the network
+    with gr.Blocks(title="D3PO Studio", analytics_enabled=False) as app:
         gr.Markdown("# D3PO Studio\nPick the best and the worst image of each grid; train a round.")
         model_info = gr.Markdown(views.model_line(ctl.model_info()), elem_id="model-info")
         with gr.Accordion("Session folder", open=False), gr.Row():

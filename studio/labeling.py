@@ -95,37 +95,48 @@ class Labeling:
         if state.labeled:
             state.grid_id = None
 
-    def select(self, client: str, index: int, labeler: str) -> Outcome:
-        """A click (or key) on image ``index``: the best first, then the worst saves a pick."""
+    def _on_screen(self, client: str) -> tuple[TabState, Outcome | None]:
+        """The tab's state, and why a click cannot count now (None: it can)."""
         state = self.tab(client)
         if state.loading:
-            return Outcome(LOADING, False)
+            return state, Outcome(LOADING, False)
         if state.grid_id is None:
-            return Outcome("Generate a grid first.", False)
+            return state, Outcome("Generate a grid first.", False)
+        return state, None
+
+    def select(self, client: str, index: int, labeler: str) -> Outcome:
+        """A click (or key) on image ``index``: the best first, then the worst saves a pick."""
+        state, refused = self._on_screen(client)
+        if refused:
+            return refused
         if state.best is None:
             state.best = index
             return Outcome(f"Best: image {index + 1}. Now click the **worst**.", False)
         if index == state.best:
             return Outcome("That is the best one; click a different image for the worst.", False)
         best, state.best = state.best, None
-        pick_id, error = self.ctl.attempt(
-            self.ctl.pick, state.grid_id, best, index, labeler=labeler
+        return self._save(
+            state,
+            lambda: self.ctl.pick(state.grid_id, best, index, labeler=labeler),
+            lambda pick_id: f"Saved pick {pick_id} (best {best + 1}, worst {index + 1}).",
         )
-        if error:
-            return Outcome(error, False)
-        state.loading = state.labeled = state.next_due = True
-        text = f"Saved pick {pick_id} (best {best + 1}, worst {index + 1}). {LOADING}"
-        return Outcome(text, True)
 
     def mark(self, client: str, kind: str, labeler: str) -> Outcome:
         """A tie or a skip of the grid on screen."""
-        state = self.tab(client)
-        if state.loading:
-            return Outcome(LOADING, False)
-        if state.grid_id is None:
-            return Outcome("Generate a grid first.", False)
-        pick_id, error = self.ctl.attempt(getattr(self.ctl, kind), state.grid_id, labeler=labeler)
+        state, refused = self._on_screen(client)
+        if refused:
+            return refused
+        state.best = None
+        return self._save(
+            state,
+            lambda: getattr(self.ctl, kind)(state.grid_id, labeler=labeler),
+            lambda pick_id: f"Saved {kind} ({pick_id}).",
+        )
+
+    def _save(self, state: TabState, action, said) -> Outcome:
+        """Save a pick, tie or skip; on success the tab waits for its next grid."""
+        pick_id, error = self.ctl.attempt(action)
         if error:
             return Outcome(error, False)
-        state.best, state.loading, state.labeled, state.next_due = None, True, True, True
-        return Outcome(f"Saved {kind} ({pick_id}). {LOADING}", True)
+        state.loading = state.labeled = state.next_due = True
+        return Outcome(f"{said(pick_id)} {LOADING}", True)

@@ -52,3 +52,10 @@ def test_a_busy_port_says_which_flag_to_use(tmp_path, capsys):
     assert code == 2 and err.startswith(f"error: port {port} is in use")
     assert f"--port {port + 1}" in err and "Traceback" not in err
     assert not (tmp_path / "s").exists()  # it stopped before opening anything
+
+
+def test_the_app_reports_nothing_home(ctl):
+    from studio.app import build_app
+
+    app = build_app(ctl)
+    assert app.analytics_enabled is False and app.config["analytics_enabled"] is False

@@ -3,6 +3,8 @@ logged to the session's logs/errors.log (the app's callbacks and the notebook pa
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from studio.app import build_app
@@ -42,10 +44,11 @@ def test_controller_attempt_shows_user_errors_as_is_and_logs_the_rest(ctl, monke
 
 def test_app_generate_shows_a_user_error_and_logs_an_unexpected_one(ctl, monkeypatch):
     show_grid, data, by_id = _callback(build_app(ctl), "show_grid")
-    *_, said = show_grid({**data, by_id["prompt"]: "   "})
+    tab = SimpleNamespace(session_hash="tab")  # what Gradio passes as the request
+    *_, said = show_grid({**data, by_id["prompt"]: "   "}, tab)
     assert said == "⚠️ the prompt is empty" and _log(ctl) == ""
     monkeypatch.setattr("d3po_core.workflow.sample_grid", _boom)
-    *unchanged, said = show_grid({**data, by_id["prompt"]: "a circle"})
+    *unchanged, said = show_grid({**data, by_id["prompt"]: "a circle"}, tab)
     _assert_logged(ctl, said)
     assert all(u == {"__type__": "update"} for u in unchanged)  # the grid on screen stays
     assert ctl.session.grids_df().empty
