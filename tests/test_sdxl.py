@@ -177,3 +177,16 @@ def test_studio_and_panels_show_the_family_and_size(tiny_sdxl, tmp_path):
         assert base[0].size == tuned[0].size == (32, 32)
     finally:
         ctl.close()
+
+
+def test_ddpo_round_on_sdxl_moves_the_adapter(xl):
+    from d3po_core.objectives.ddpo import DDPOConfig, DDPOObjective, RewardExample
+
+    grids = [sample_grid(xl, PROMPT, SETTINGS, seed=20 + 2 * i).trajectory for i in range(2)]
+    rewarded = [RewardExample(t, [1.0, 0.0]) for t in grids]
+    torch.manual_seed(0)
+    config = DDPOConfig(epochs=1, batch_size=4, learning_rate=1e-2)
+    result = run_round(xl, DDPOObjective(rewarded, config))
+    assert torch.isfinite(torch.tensor(result.metrics["loss"])) and result.metrics["items"] > 0
+    trained = [p for n, p in xl.unet.named_parameters() if "lora_B" in n]  # zero at first
+    assert trained and any(torch.count_nonzero(p) > 0 for p in trained)
