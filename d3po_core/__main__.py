@@ -109,7 +109,13 @@ def _prompts(text: str) -> list[str]:
     if path.suffix in (".txt", ".csv") or path.is_file():
         if not path.is_file():
             raise SettingsError(f"prompts file not found: {path}")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise SettingsError(
+                f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            ) from None
+        prompts = [line.strip() for line in lines if line.strip()]
     else:
         prompts = [text.strip()] if text.strip() else []
     if not prompts:

@@ -70,3 +70,17 @@ def test_a_choice_outside_its_declared_options_is_refused(tmp_path, capsys, meth
         with pytest.raises(SystemExit) as exit_:
             main(["simulate", "--method", method, "--session", str(tmp_path), f"--{s.name}", "?"])
         assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_paths_and_files_that_cannot_be_used_are_one_line(tmp_path, capsys):
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where a folder should go")
+    assert main(["generate", "--session", str(blocked / "s"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot create the session folder") and "--session" in err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"\xff\xfe a red circle\n")
+    args = ["simulate", "--scorer", "jpeg_compressibility", "--prompts", str(prompts)]
+    assert main([*args, "--session", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {prompts} is not UTF-8 text (byte 0); save it as UTF-8\n"

@@ -116,8 +116,14 @@ class Session:
             if root.exists() and not root.is_dir():
                 raise SessionError(f"session path {root} is a file, not a folder")
         self.root = root
-        for sub in ("images", "trajectories", "adapters"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("images", "trajectories", "adapters"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SessionError(
+                f"cannot create the session folder {root} ({exc.strerror}); pass --session a "
+                "folder you can write to"
+            ) from None
         self._lock = threading.RLock()
         self._lock_fd = os.open(root / "session.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
