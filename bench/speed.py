@@ -128,9 +128,24 @@ def clip_config(tokenizer, hidden: int, layers: int, heads: int, **kwargs):
     )
 
 
+def sd_vae(size: int, **kwargs):
+    """Stable Diffusion's VAE architecture (8× down, 4 latent channels), random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=size,
+        **kwargs,
+    )
+
+
 def build_sd15(folder: Path, size: int) -> Path:
     """A Stable Diffusion 1.5-architecture pipeline with random weights, saved to ``folder``."""
-    from diffusers import AutoencoderKL, DDIMScheduler
+    from diffusers import DDIMScheduler
     from diffusers import UNet2DConditionModel as UNet
     from transformers import CLIPTextModel
 
@@ -139,14 +154,7 @@ def build_sd15(folder: Path, size: int) -> Path:
     torch.manual_seed(0)
     tokenizer = write_byte_tokenizer(folder / "tokenizer")
     text_encoder = CLIPTextModel(clip_config(tokenizer, 768, 12, 12))
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=size,
-    )
+    vae = sd_vae(size)
     # diffusers' UNet2DConditionModel defaults are SD 1.x's, but for the text width
     unet = UNet(sample_size=size // 8, cross_attention_dim=768)
     scheduler = DDIMScheduler(
@@ -167,7 +175,6 @@ def build_sd15(folder: Path, size: int) -> Path:
 def build_sdxl(folder: Path, size: int, device: str = "cpu") -> Path:
     """An SDXL-architecture pipeline with random weights (UNet 2.6 B, CLIP ViT-L and OpenCLIP
     bigG text encoders, VAE), built on ``device`` (fast on a GPU) and saved in fp16."""
-    from diffusers import AutoencoderKL
     from diffusers import UNet2DConditionModel as UNet
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -182,15 +189,7 @@ def build_sdxl(folder: Path, size: int, device: str = "cpu") -> Path:
         text_encoder_2 = CLIPTextModelWithProjection(
             clip_config(tokenizer, 1280, 32, 20, projection_dim=1280)
         )
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=size,
-            scaling_factor=0.13025,
-        )
+        vae = sd_vae(size, scaling_factor=0.13025)
         unet = UNet(  # SDXL base's configuration
             sample_size=size // 8,
             block_out_channels=(320, 640, 1280),
