@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .models import side_modules
+
 GiB = 2**30
 
 #: activation bytes a UNet row keeps for backward, per (latent pixel × width unit × byte of
@@ -46,15 +48,6 @@ class MemoryPlan:
     budget_bytes: int | None  # None: no limit known (CPU without --max-memory-gb)
     peak_bytes: int  # the estimated peak
     reason: str
-
-    def describe(self) -> str:
-        budget = "no limit" if self.budget_bytes is None else f"{self.budget_bytes / GiB:.1f} GiB"
-        return (
-            f"micro-batch {self.micro_batch}, gradient checkpointing "
-            f"{'on' if self.gradient_checkpointing else 'off'}"
-            f"{', VAE and text encoder off the device' if self.offload else ''} "
-            f"(≈ {self.peak_bytes / GiB:.1f} GiB of {budget}: {self.reason})"
-        )
 
 
 def _width_units(unet_config) -> float:
@@ -177,9 +170,7 @@ def plan_round(
     """The plan of a round of ``pipe`` on its device (see :func:`plan_memory`)."""
     unet = pipe.unet
     device = unet.device
-    others = [m for m in (pipe.vae, getattr(pipe, "text_encoder", None)) if m is not None]
-    others += [m for m in (getattr(pipe, "text_encoder_2", None),) if m is not None]
-    on_device = [m for m in others if next(m.parameters()).device == device]
+    on_device = [m for m in side_modules(pipe) if next(m.parameters()).device == device]
     if device.type == "cuda":
         fixed = torch.cuda.memory_allocated(device)
     else:

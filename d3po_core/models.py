@@ -155,12 +155,10 @@ def load_pipeline(
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-        if module is not None:
-            module.requires_grad_(False)
-            module.eval()
+    for module in (pipe.unet, *side_modules(pipe)):
+        module.requires_grad_(False)
+        module.eval()
     pipe.model_id = name
-    pipe.family = family
     pipe.recommended = recommended_sampling(source) if is_local else {}
     return pipe
 
@@ -304,13 +302,18 @@ def base_model(unet: torch.nn.Module) -> Iterator[None]:
         set_lora_enabled(unet, True)
 
 
+def side_modules(pipe) -> list[torch.nn.Module]:
+    """The pipeline's modules besides the UNet: the VAE and its text encoder(s)."""
+    names = ("vae", "text_encoder", "text_encoder_2")
+    return [m for m in (getattr(pipe, n, None) for n in names) if m is not None]
+
+
 @contextlib.contextmanager
 def offloaded(pipe, enabled: bool = True) -> Iterator[None]:
     """Within the block the VAE and text encoder(s) wait on the CPU: a round needs only the
     UNet on the device (the prompts' embeddings are stored with the grids)."""
     device = pipe.unet.device
-    names = ("vae", "text_encoder", "text_encoder_2")
-    modules = [m for m in (getattr(pipe, n, None) for n in names) if m is not None]
+    modules = side_modules(pipe)
     if not enabled or device.type == "cpu":
         yield
         return

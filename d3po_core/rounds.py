@@ -387,7 +387,6 @@ def run_round(
         raise NoPicksError(objective.empty_message)
     unet = pipe.unet
     plan = plan_of(pipe, objective, config)
-    notes: list[str] = []
     with offloaded(pipe, plan.offload), trained_adapter(unet, config) as params:
         start = time.perf_counter()
         if unet.device.type == "cuda":
@@ -396,7 +395,6 @@ def run_round(
         history: list[dict] = []
 
         def tell(message: str) -> None:
-            notes.append(message)
             if on_progress is not None:
                 last = history[-1] if history else {"loss": math.nan, "accuracy": math.nan}
                 on_progress(

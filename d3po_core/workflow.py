@@ -33,8 +33,10 @@ def activate(pipe, session: Session, round_id: int | None) -> None:
 
 
 def sync_active(pipe, session: Session) -> None:
-    """Load the session's active round into a freshly loaded pipeline."""
-    if session.active_round is not None:
+    """Put the session's active round into the pipeline (or none: the base model)."""
+    if session.active_round is None:
+        remove_lora(pipe.unet)
+    else:
         load_lora(pipe.unet, session.round_path(session.active_round))
 
 

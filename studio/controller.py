@@ -21,6 +21,7 @@ from PIL import Image
 
 from d3po_core import export, workflow
 from d3po_core.errors import D3POError, ModelLoadError, SettingsError, report_unexpected
+from d3po_core.families import family_of
 from d3po_core.models import base_model, default_model, load_lora, load_pipeline, remove_lora
 from d3po_core.rounds import ProgressEvent
 from d3po_core.sampling import SampleSettings, sample_grid
@@ -102,7 +103,7 @@ class StudioController:
         return {
             "session": str(self.session.root),
             "model": "embedded model" if self.model == str(default_model()) else self.model,
-            "family": self.pipe.family.label,
+            "family": family_of(self.pipe).label,
             "height": s.height or side,
             "width": s.width or side,
             "device": unet.device.type,
@@ -117,14 +118,7 @@ class StudioController:
             new = Session.open(folder)
             old, self.session = self.session, new
             old.close()
-            try:
-                workflow.sync_active(self.pipe, self.session)
-            except ModelLoadError as exc:
-                remove_lora(self.pipe.unet)
-                return f"Opened {new.root}; its active round does not load here ({exc})."
-            if self.session.active_round is None:
-                remove_lora(self.pipe.unet)
-        return f"Opened {new.root}."
+            return f"Opened {new.root}." + self._follow_active_round()
 
     def switch_model(self, model: str | None, *, device: str | None = None, dtype=None) -> str:
         """Load another model (a folder or hub id; None: the embedded model) in place of this
@@ -139,16 +133,19 @@ class StudioController:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             self.sample_settings = replace(self.sample_settings, **self.pipe.recommended)
-            try:
-                workflow.sync_active(self.pipe, self.session)
-            except ModelLoadError:
-                round_id = self.session.active_round
-                workflow.activate(self.pipe, self.session, None)
-                return (
-                    f"Loaded {name}; round {round_id}'s adapter does not fit it, so the base "
-                    "model is active."
-                )
-        return f"Loaded {name}."
+            return f"Loaded {name}." + self._follow_active_round()
+
+    def _follow_active_round(self) -> str:
+        """Put the session's active round into the pipeline; when its adapter does not fit
+        the model, the base model becomes active (in the session too, so grids are not
+        credited to a round that did not sample them) and the returned words say so."""
+        try:
+            workflow.sync_active(self.pipe, self.session)
+        except ModelLoadError:
+            round_id = self.session.active_round
+            workflow.activate(self.pipe, self.session, None)
+            return f" Round {round_id}'s adapter does not fit this model, so the base is active."
+        return ""
 
     @property
     def session_root(self) -> Path:

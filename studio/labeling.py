@@ -83,7 +83,7 @@ class Labeling:
         return due
 
     def showing(self, client: str, grid_id: int) -> None:
-        """Arrived and on screen at once (the notebook panels, tests)."""
+        """Arrived and on screen at once (for callers without a browser in between)."""
         self.arrived(client, grid_id)
         self.ready(client)
 

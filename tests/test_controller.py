@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from d3po_core.errors import D3POError, ModelLoadError, NoPicksError, RoundCancelled, SettingsError
-from d3po_core.models import default_model
+from d3po_core.models import default_model, has_lora
 from d3po_core.objectives.d3po import D3POConfig
 from d3po_core.settings import MAX_PROMPT_CHARS
 from studio.controller import StudioController, StudioError
@@ -175,9 +175,25 @@ def test_switching_models_then_training_at_another_precision(ctl, tiny_v):
     assert round_id == 2 and np.isfinite(metrics["loss"])
     # another architecture: its base model, and the line says why
     message = ctl.switch_model(None)
-    assert "round 2's adapter does not fit it" in message and ctl.active_round() is None
+    assert "Round 2's adapter does not fit this model" in message and ctl.active_round() is None
     assert ctl.generate("a circle", seed=1).adapter_round is None
     # a folder that is not a model leaves the current one
     with pytest.raises(ModelLoadError):
         ctl.switch_model(str(tiny_v.parent / "missing"))
     assert ctl.model == str(default_model())
+
+
+def test_reopening_a_session_whose_round_does_not_fit_the_model_says_so(ctl, tmp_path):
+    first = ctl.session_root
+    _label(ctl)
+    ctl.train(D3POConfig(epochs=1, batch_size=4))
+    assert ctl.switch_session(tmp_path / "other") == f"Opened {tmp_path / 'other'}."
+    assert not has_lora(ctl.pipe.unet)  # the new session has no round: the base model samples
+    ctl.switch_model(None)  # the embedded model: another architecture
+    said = ctl.switch_session(first)
+    assert (
+        said == f"Opened {first}. Round 1's adapter does not fit this model, so the base is active."
+    )
+    # the session agrees with the pipeline: new grids are not credited to round 1
+    assert ctl.active_round() is None
+    assert ctl.generate("a circle", seed=1).adapter_round is None

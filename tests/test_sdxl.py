@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from d3po_core.__main__ import main
 from d3po_core.errors import ModelLoadError
 from d3po_core.export import export_kohya
+from d3po_core.families import family_of
 from d3po_core.models import (
     add_lora,
     load_lora,
@@ -58,7 +59,7 @@ def _plain_latents(plain, settings, seed: int) -> torch.Tensor:
 
 
 def test_an_sdxl_folder_loads_as_its_family_with_ddim(xl, tiny_sdxl):
-    assert type(xl).__name__ == "StableDiffusionXLPipeline" and xl.family.label == "SDXL"
+    assert type(xl).__name__ == "StableDiffusionXLPipeline" and family_of(xl).label == "SDXL"
     assert isinstance(xl.scheduler, DDIMScheduler)  # from the folder's Euler config
     assert xl.scheduler.config.timestep_spacing == "leading"
     index = tiny_sdxl / "model_index.json"

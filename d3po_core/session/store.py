@@ -192,9 +192,9 @@ class Session:
                     ) from None
             since = datetime.now().astimezone().strftime("%H:%M:%S")
             command = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
+            holder = f"pid {os.getpid()} on {socket.gethostname()}, `{command}`, since {since}"
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, `{command}`, "
-                      f"since {since}".encode(), 0)  # fmt: skip
+            os.pwrite(fd, holder.encode(), 0)
             try:
                 yield
             finally:
