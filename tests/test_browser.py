@@ -19,7 +19,8 @@ import pytest
 
 from d3po_core.session import Session
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO, repo_env
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [
     "--headless",
@@ -43,10 +44,6 @@ def _free_port() -> int:
 @pytest.fixture
 def studio(tmp_path):
     port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
     session = tmp_path / "session"
     proc = subprocess.Popen(
         [
@@ -61,7 +58,7 @@ def studio(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=env,
+        env=repo_env(),
         cwd=REPO,
     )
     deadline = time.time() + 180

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 from dataclasses import fields
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,21 +18,18 @@ from d3po_core.objectives import METHODS
 from d3po_core.session import Session
 from d3po_core.settings import LoraSettings, SampleSettings, spec
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import repo_env
+
 COMMANDS = ["generate", "label", "train", "simulate", "export"]
 SMALL = ["--grid-size", "2", "--steps", "4", "--guidance", "5"]
 
 
-def _env():
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-
-
 def test_module_help_lists_every_command():
     out = subprocess.run(
-        [sys.executable, "-m", "d3po_core", "--help"], capture_output=True, text=True, env=_env()
+        [sys.executable, "-m", "d3po_core", "--help"],
+        capture_output=True,
+        text=True,
+        env=repo_env(),
     )
     assert out.returncode == 0
     for command in COMMANDS:
@@ -267,7 +263,7 @@ def test_train_runs_under_accelerate_launch(tiny_eps, tmp_path):
     cmd = [launcher, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "d3po_core", "train"]
     cmd += ["--session", session, "--model", str(tiny_eps), "--epochs", "1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=repo_env(), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "round 1 committed" in out.stdout
     with Session.open(session) as s:

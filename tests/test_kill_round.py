@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 
 from d3po_core.models import load_lora, load_pipeline
 from d3po_core.session import Session
 
+from .conftest import spawn_worker
 from .test_session import _read_until
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_kill_mid_round_keeps_picks_and_finished_rounds(tmp_path, tiny_eps):
     root = tmp_path / "session"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "_train_worker.py"), str(root), str(tiny_eps)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
+    proc = spawn_worker("_train_worker.py", root, tiny_eps)
 
     def mid_second_round(lines: list[list[str]]) -> bool:
         committed = [line for line in lines if line[:1] == ["committed"]]

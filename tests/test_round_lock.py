@@ -3,33 +3,19 @@ process that trains; labeling and generating go on; a killed round frees the ses
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 from d3po_core.__main__ import main
 from d3po_core.session import Session
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import spawn_worker
+
 SMALL = ["--grid-size", "2", "--steps", "4", "--guidance", "5"]
 
 
 def test_a_second_round_is_refused_while_another_process_trains(tmp_path, tiny_eps, capsys):
     root = tmp_path / "session"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    worker = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "_long_round_worker.py"), str(root), str(tiny_eps)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
+    worker = spawn_worker("_long_round_worker.py", root, tiny_eps)
     try:
         while (line := worker.stdout.readline()) != "training\n":  # its round has begun
             assert line, "the worker ended before its round began"

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +19,8 @@ from d3po_core.errors import D3POError
 from d3po_core.session import Session, SessionError, reports
 from d3po_core.settings import MAX_PROMPT_CHARS, SampleSettings, spec
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import spawn_worker
+
 WORKER = Path(__file__).with_name("_session_worker.py")
 
 
@@ -427,18 +426,7 @@ def test_two_sessions_add_picks_concurrently(tmp_path: Path) -> None:
 
 
 def _spawn(root: Path, mode: str, count: int = 1) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), str(root), mode, str(count)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
+    return spawn_worker(WORKER.name, root, mode, count, stderr=subprocess.PIPE)
 
 
 def _read_until(proc: subprocess.Popen, done: Callable[[list[list[str]]], bool]) -> list[list[str]]:
