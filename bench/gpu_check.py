@@ -43,9 +43,10 @@ from original_loop import original_round
 from speed import build_sd15, build_sdxl, grid_vs_plain
 
 from d3po_core.families import Cond
+from d3po_core.methods import D3POConfig, DiffusionDPOConfig
 from d3po_core.models import default_model, load_pipeline, remove_lora, speed_up_unet
-from d3po_core.objectives.d3po import D3POConfig, D3POObjective, Example
-from d3po_core.objectives.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOObjective
+from d3po_core.objectives.d3po import D3POObjective, Example
+from d3po_core.objectives.diffusion_dpo import DiffusionDPOObjective
 from d3po_core.rounds import run_round
 from d3po_core.sampling import SampleSettings, sample_grid
 

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
+from d3po_core.methods import D3POConfig
 from d3po_core.models import assemble_pipeline, default_model, load_pipeline, remove_lora
-from d3po_core.objectives.d3po import D3POConfig, D3POObjective, Example
+from d3po_core.objectives.d3po import D3POObjective, Example
 from d3po_core.rounds import run_round
 from d3po_core.sampling import SampleSettings, sample_grid
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -23,9 +22,8 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from .errors import ModelLoadError
 from .families import FAMILIES, SUPPORTED_PIPELINES, ModelFamily, family_of_unet
 from .session.files import readable
-from .settings import LoraSettings
+from .settings import LoraSettings, looks_like_hub_id, model_folder
 
-EMBEDDED_MODEL = Path(__file__).parent / "embedded" / "model"
 ADAPTER_NAME = "d3po"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -42,12 +40,7 @@ def peft_config(settings: LoraSettings) -> LoraConfig:
 
 def default_model() -> str:
     """The model used when none is named: the embedded model shipped with the package."""
-    if not (EMBEDDED_MODEL / "model_index.json").is_file():
-        raise ModelLoadError(
-            f"no model given and the embedded model is missing at {EMBEDDED_MODEL}; "
-            "pass --model PATH|ID"
-        )
-    return str(EMBEDDED_MODEL)
+    return str(model_folder(None))
 
 
 def default_device() -> torch.device:
@@ -62,20 +55,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
-
-
 def _check_local_folder(path: Path) -> ModelFamily:
     """The model family of a local diffusers folder; one-line errors for anything else."""
-    if not path.exists():
-        raise ModelLoadError(f"model folder not found: {path}")
+    model_folder(path)  # exists, with a model_index.json
     index = path / "model_index.json"
-    if not path.is_dir() or not index.is_file():
-        raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
     try:
         class_name = json.loads(index.read_text()).get("_class_name")
     except (json.JSONDecodeError, AttributeError) as exc:
@@ -132,7 +115,7 @@ def load_pipeline(
     """
     name = str(model)
     path = Path(name).expanduser()
-    is_local = path.exists() or not _looks_like_hub_id(name)
+    is_local = path.exists() or not looks_like_hub_id(name)
     if is_local:
         family = _check_local_folder(path)
         source = str(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from .errors import SettingsError
+from .errors import ModelLoadError, SettingsError
 
 #: The training method every front end starts with (a name in ``d3po_core.objectives.METHODS``),
 #: chosen on the taste benchmark (docs/benchmarks.md §5).
@@ -369,6 +370,35 @@ class ModelArgs(Settings):
 
     model: str | None = setting(None, help="Diffusers folder or hub id; none: the embedded model.")
     device: str | None = setting(None, help="cuda, cpu, …; none: automatic.")
+
+
+EMBEDDED_MODEL = Path(__file__).parent / "embedded" / "model"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
+
+
+def model_folder(model: str | Path | None) -> Path | None:
+    """The local diffusers folder that ``--model`` names (None: the embedded model), checked
+    to exist and to hold a model_index.json; None for a hub id (checked as it loads). Cheap:
+    a front end checks it before anything heavy loads."""
+    if model is None:
+        if not (EMBEDDED_MODEL / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"no model given and the embedded model is missing at {EMBEDDED_MODEL}; "
+                "pass --model PATH|ID"
+            )
+        return EMBEDDED_MODEL
+    path = Path(model).expanduser()
+    if not path.exists() and looks_like_hub_id(str(model)):
+        return None
+    if not path.exists():
+        raise ModelLoadError(f"model folder not found: {path}")
+    if not path.is_dir() or not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    return path
 
 
 class SettingsParser:

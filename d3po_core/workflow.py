@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from .errors import NoPicksError
 from .models import load_lora, remove_lora, save_lora
-from .objectives import METHODS, method_of
+from .objectives import METHODS, OBJECTIVES, method_of
 from .objectives.d3po import Example
 from .objectives.ddpo import RewardExample
 from .objectives.implicit import pick_agreement
@@ -176,7 +176,7 @@ def _train_round(pipe, session, config, rewarded, on_progress, should_cancel, ac
         extra["grid_ids"] = [g for g, _ in rewarded]
     result = run_round(
         pipe,
-        method.objective(examples, config),
+        OBJECTIVES[method.name](examples, config),
         on_progress=on_progress,
         should_cancel=should_cancel,
         accelerator=accelerator,

@@ -11,7 +11,18 @@ import time
 from dataclasses import asdict, dataclass
 
 from d3po_core.errors import D3POError
-from d3po_core.settings import ModelArgs, SessionArgs, Settings, SettingsParser, setting
+from d3po_core.settings import (
+    ModelArgs,
+    SessionArgs,
+    Settings,
+    SettingsParser,
+    model_folder,
+    setting,
+)
+
+
+#: seconds the model load waits for a first browser to have the page up before it starts
+FIRST_PAGE_GRACE_S = 3.0
 
 
 def _is_loopback(host: str) -> bool:
@@ -54,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def port_in_use(host: str, port: int) -> str | None:
     """The line to show when ``port`` cannot be served on ``host``, else None."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # as the server binds: a port whose last studio just closed (TIME_WAIT) is free
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
@@ -70,18 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     busy = port_in_use(args.host, args.port)
-    if busy:  # before the model loads: a second studio fails in a second, not after a minute
+    if busy:  # before anything loads: a second studio fails in a second, not after a minute
         print(f"error: {busy}", file=sys.stderr)
         return 2
-    from .app import CSS, KEYS_JS, build_app
-    from .controller import StudioController
-
-    try:
-        controller = StudioController(args.session, model=args.model, device=args.device)
-    except D3POError as exc:  # a missing model, a bad session folder, …
+    try:  # a mistyped folder fails at once, before the page is served
+        model_folder(args.model)
+    except D3POError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app = build_app(controller)
+    from .app import CSS, KEYS_JS, build_app
+    from .starting import Starting
+
+    ctl = Starting(args.session, model=args.model, device=args.device)
+    app = build_app(ctl)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     try:
         app.launch(
@@ -96,17 +110,30 @@ def main(argv: list[str] | None = None) -> int:
         )
     except OSError:  # taken in the meantime
         print(f"error: {port_in_use(args.host, args.port) or 'cannot serve'}", file=sys.stderr)
-        controller.close()
+        ctl.close()
         return 2
     print(
-        f"D3PO Studio is ready at http://{args.host}:{args.port} (session {args.session}, "
-        f"model {controller.model}; started in {time.perf_counter() - start:.1f} s)",
+        f"D3PO Studio is ready at http://{args.host}:{args.port}: open it in your browser "
+        f"(page in {time.perf_counter() - start:.1f} s; loading the model…)",
         flush=True,
     )
     try:
+        time.sleep(FIRST_PAGE_GRACE_S)  # the first page opened starts the load sooner
+        ctl.start()
+        try:
+            controller = ctl.wait()
+        except D3POError as exc:  # a missing model, a bad session folder, …
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(
+            f"Model loaded in {ctl.load_seconds:.1f} s: {controller.model} "
+            f"(session {controller.session_root})",
+            flush=True,
+        )
         app.block_thread()
     finally:
-        controller.close()
+        app.close()
+        ctl.close()
     return 0
 
 

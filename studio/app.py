@@ -7,13 +7,17 @@ status line and the keyboard shortcuts; each tab is one function in :mod:`studio
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio reads it
 
 import gradio as gr  # noqa: E402
 
-from . import tabs, views
-from .controller import StudioController
+from . import tabs, views  # noqa: E402
+from .starting import Starting  # noqa: E402
+
+if TYPE_CHECKING:
+    from .controller import StudioController
 
 KEYS_JS = """
 () => {
@@ -44,15 +48,20 @@ CSS = """
 """
 
 
-def build_app(ctl: StudioController) -> gr.Blocks:
-    """The Blocks app for a controller (not launched)."""
+def build_app(ctl: StudioController | Starting) -> gr.Blocks:
+    """The Blocks app for a controller, loaded or still loading (not launched)."""
+    if not isinstance(ctl, Starting):
+        ctl = Starting.loaded(ctl)
     # no usage reports: a local tool for private pictures asks nothing of the network
     with gr.Blocks(title="D3PO Studio", analytics_enabled=False) as app:
         gr.Markdown("# D3PO Studio\nPick the best and the worst image of each grid; train a round.")
-        model_info = gr.Markdown(views.model_line(ctl.model_info()), elem_id="model-info")
+        model_info = gr.Markdown(
+            ctl.peek(lambda c: views.model_line(c.model_info()), views.LOADING_MODEL),
+            elem_id="model-info",
+        )
         with gr.Accordion("Session folder", open=False), gr.Row():
             folder = gr.Textbox(
-                value=str(ctl.session_root),
+                value=str(ctl.peek(lambda c: c.session_root, ctl.requested_session)),
                 label="Session folder (a new folder starts a new session)",
                 scale=4,
                 elem_id="session-folder",
@@ -60,7 +69,9 @@ def build_app(ctl: StudioController) -> gr.Blocks:
             open_btn = gr.Button("Open", elem_id="open-session")
         with gr.Row():
             labeler = gr.Textbox(label="Your name (saved with every pick)", scale=2)
-            status = gr.Markdown("Ready.", elem_id="status")
+            status = gr.Markdown(
+                ctl.peek(lambda c: "Ready.", views.LOADING_MODEL), elem_id="status"
+            )
         shared = tabs.Shared(labeler, status)
         with gr.Tab("Label", id="label"):
             tabs.label_tab(ctl, shared)
@@ -83,11 +94,33 @@ def build_app(ctl: StudioController) -> gr.Blocks:
             open_session, [folder], [model_info, status, shared.picks_count], **tabs.GPU
         )
         opened.then(*refresh_history)
-        app.load(*refresh_history)
+
+        def when_loaded():
+            """The model line, status, pick count and sampling controls once the model is in
+            (at once when it already is)."""
+            ctl.start()  # the page is up: the model loads now, if it has not begun
+            try:
+                real = ctl.wait()
+            except Exception as exc:  # the terminal says it too, and the studio stops
+                failed = f"⚠️ The model could not be loaded: {exc}"
+                return (failed, failed, gr.update(), *(gr.update() for _ in shared.sampling))
+            sample = real.sample_settings
+            return (
+                views.model_line(real.model_info()),
+                "Ready.",
+                views.picks_waiting(real.picks_since_last_round()),
+                *(getattr(sample, path) for path in shared.sampling),
+            )
+
+        loaded = app.load(
+            when_loaded,
+            None,
+            [model_info, status, shared.picks_count, *shared.sampling.values()],
+            concurrency_limit=None,
+        )
+        loaded.then(*refresh_history)
         stored_name = gr.BrowserState("", storage_key="d3po-labeler")
         labeler.change(lambda name: name, [labeler], [stored_name])
-        app.load(lambda saved: saved or gr.update(), [stored_name], [labeler]).then(
-            lambda: views.picks_waiting(ctl.picks_since_last_round()), None, [shared.picks_count]
-        )
+        app.load(lambda saved: saved or gr.update(), [stored_name], [labeler])
     app.queue(default_concurrency_limit=None)
     return app

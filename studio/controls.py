@@ -18,8 +18,7 @@ from typing import Any
 
 from d3po_core import settings
 from d3po_core.errors import SettingsError
-from d3po_core.objectives.d3po import D3POConfig
-from d3po_core.objectives.diffusion_dpo import DiffusionDPOConfig
+from d3po_core.methods import D3POConfig, DiffusionDPOConfig
 from d3po_core.settings import SampleSettings, Spec, spec
 
 # -- which fields the studio shows ------------------------------------------------------------

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .controller import StudioController
+if TYPE_CHECKING:
+    from .controller import StudioController
 
 LOADING = "Loading the next grid… (clicks and keys wait for it)"
 

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 from d3po_core.errors import RoundCancelled
-from d3po_core.objectives import METHODS
-from d3po_core.rounds import ProgressEvent
+from d3po_core.methods import METHODS
+from d3po_core.settings import SampleSettings
 
 from . import controls, views
-from .controller import StudioController
 from .labeling import LOADING, Labeling
+from .starting import Starting
 
 GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}  # one sampling/training job at a time
 # clicks and keys on a grid are applied one at a time, in the order they arrive
@@ -41,13 +41,14 @@ class Shared:
     labeler: gr.Textbox
     status: gr.Markdown
     picks_count: gr.Markdown | None = None
+    sampling: dict[str, gr.components.Component] = field(default_factory=dict)  # by setting
     round_pick: gr.Dropdown | None = None
     rates: gr.Dataframe | None = None
 
 
-def label_tab(ctl: StudioController, shared: Shared) -> None:
+def label_tab(ctl: Starting, shared: Shared) -> None:
     """Prompt, grid size and sampling; click best then worst (keys 1–9), tie, skip, undo."""
-    sample = ctl.sample_settings
+    sample = ctl.peek(lambda c: c.sample_settings, SampleSettings())  # the model's, once in
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", value="a circle", scale=4, elem_id="prompt")
         sample_controls = {
@@ -65,7 +66,8 @@ def label_tab(ctl: StudioController, shared: Shared) -> None:
         tie_btn = gr.Button("Tie (t)", elem_id="tie-btn")
         skip_btn = gr.Button("Skip (s)", elem_id="skip-btn")
         undo_btn = gr.Button("Undo (u)", elem_id="undo-btn")
-    waiting = views.picks_waiting(ctl.picks_since_last_round())
+    shared.sampling = sample_controls
+    waiting = ctl.peek(lambda c: views.picks_waiting(c.picks_since_last_round()), "")
     picks_count = shared.picks_count = gr.Markdown(waiting, elem_id="pick-counter")
     grid_info = gr.Markdown("", elem_id="grid-info")
     grid = gr.Gallery(
@@ -93,6 +95,8 @@ def label_tab(ctl: StudioController, shared: Shared) -> None:
 
     def show_grid(data, request: gr.Request, progress=gr.Progress()):
         labeling.loading(request.session_hash)  # clicks wait until the grid is on screen
+        if not ctl.is_loaded:  # the studio has just started: the grid waits for the model
+            progress(0, desc="loading the model")
         view, error = ctl.attempt(sample_grid, data[prompt], data, progress)
         if error:  # the grid on screen stays as it was
             labeling.settled(request.session_hash)
@@ -167,7 +171,7 @@ def label_tab(ctl: StudioController, shared: Shared) -> None:
     add_prompts_btn.click(add_prompts, [prompt_list], [status])
 
 
-def train_tab(ctl: StudioController, shared: Shared):
+def train_tab(ctl: Starting, shared: Shared):
     """Round settings (main and advanced), progress with ETA, the loss/accuracy curve, cancel.
 
     Returns the train event, so that other tabs can refresh after it.
@@ -213,7 +217,7 @@ def train_tab(ctl: StudioController, shared: Shared):
             values = {path: data[c] for path, c in forms[chosen].items()}
             config = controls.settings_from(controls.TRAIN_FORMS[chosen].root(), values)
             for event in ctl.train_stream(config):
-                if not isinstance(event, ProgressEvent):
+                if isinstance(event, tuple):  # the round is saved: (round id, metrics)
                     round_id, metrics = event
                     warnings, target = ctl.round_warnings(round_id)
                     text = views.round_saved(round_id, metrics, warnings)
@@ -252,7 +256,7 @@ def train_tab(ctl: StudioController, shared: Shared):
     return train_btn.click(train, inputs, outputs, **GPU)
 
 
-def compare_tab(ctl: StudioController, shared: Shared) -> None:
+def compare_tab(ctl: Starting, shared: Shared) -> None:
     """Base vs a round side by side on the same seeds; blind A/B votes with a win rate."""
     with gr.Row():
         round_pick = shared.round_pick = gr.Dropdown(
@@ -321,7 +325,7 @@ def compare_tab(ctl: StudioController, shared: Shared) -> None:
         )
 
 
-def history_tab(ctl: StudioController, shared: Shared) -> tuple[Callable, None, list]:
+def history_tab(ctl: Starting, shared: Shared) -> tuple[Callable, None, list]:
     """Rounds, picks and labeler agreement as tables, metrics per round; activate a round.
 
     Returns the listener that refreshes the history, Compare's round list and the win rates,
@@ -407,7 +411,7 @@ def history_tab(ctl: StudioController, shared: Shared) -> tuple[Callable, None, 
     return refresh, None, outputs
 
 
-def export_tab(ctl: StudioController) -> None:
+def export_tab(ctl: Starting) -> None:
     """The active round's LoRA for diffusers and for A1111/ComfyUI; the picks as tables."""
     gr.Markdown(
         "The active round's LoRA, for diffusers and for A1111/ComfyUI; your picks as tables."

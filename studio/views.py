@@ -6,10 +6,12 @@ Plain functions of the controller's results, so the two front ends say the same 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .controller import BlindPair, GridView
+if TYPE_CHECKING:
+    from .controller import BlindPair, GridView
 
 #: the rounds' columns worth reading, by the name History shows them under
 ROUND_COLUMNS = {
@@ -230,6 +232,9 @@ def win_rate_table(rates: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({c: [] for c in WIN_RATE_COLUMNS})
     vs_base = rates[rates["round_a"].isna()]
     return vs_base.rename(columns={"round_b": "round"})[WIN_RATE_COLUMNS]
+
+
+LOADING_MODEL = "⏳ Loading the model… (the page works already; a grid waits for the model)"
 
 
 def model_line(info: dict) -> str:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from d3po_core.methods import D3POConfig
 from d3po_core.models import load_pipeline
-from d3po_core.objectives.d3po import D3POConfig
 from d3po_core.sampling import SampleSettings
 from d3po_core.scorers import jpeg_compressibility
 from d3po_core.session import Session

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from d3po_core.methods import D3POConfig, DDPOConfig
 from d3po_core.models import load_pipeline
-from d3po_core.objectives.d3po import D3POConfig, D3POObjective
-from d3po_core.objectives.ddpo import DDPOConfig, DDPOObjective
+from d3po_core.objectives.d3po import D3POObjective
+from d3po_core.objectives.ddpo import DDPOObjective
 from d3po_core.rounds import run_round
 from d3po_core.sampling import SampleSettings
 from d3po_core.tiny_model import build_tiny_pipeline, build_tiny_sdxl_pipeline

@@ -90,6 +90,8 @@ def test_label_train_compare_in_a_real_browser(studio):
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(url, wait_until="domcontentloaded")
         page.wait_for_selector("#prompt textarea", timeout=60_000)
+        # the page is up before the model: its line says so, then names the model
+        expect(page.locator("#model-info")).to_contain_text("Model:", timeout=120_000)
         page.get_by_label("Your name (saved with every pick)").fill("ana")
         page.fill("#prompt textarea", "a red circle")
         page.get_by_text("Sampling").click()  # shown settings, left alone, sample as declared

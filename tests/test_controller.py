@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from d3po_core.errors import D3POError, ModelLoadError, NoPicksError, RoundCancelled, SettingsError
+from d3po_core.methods import D3POConfig
 from d3po_core.models import default_model, has_lora
-from d3po_core.objectives.d3po import D3POConfig
 from d3po_core.settings import MAX_PROMPT_CHARS
 from studio.controller import StudioController, StudioError
 

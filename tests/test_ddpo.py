@@ -173,8 +173,8 @@ def test_a_partial_accumulation_group_still_makes_a_step(pipe, grid):
 
 
 def test_settings_round_trip_through_a_round_record():
+    from d3po_core.methods import D3POConfig
     from d3po_core.objectives import config_from_dict
-    from d3po_core.objectives.d3po import D3POConfig
     from d3po_core.settings import LoraSettings
 
     ddpo = DDPOConfig(learning_rate=1e-4, clip_range=0.01, lora=LoraSettings(rank=8))

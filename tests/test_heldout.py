@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from d3po_core.objectives.d3po import D3POConfig
-from d3po_core.objectives.diffusion_dpo import DiffusionDPOConfig
+from d3po_core.methods import D3POConfig, DiffusionDPOConfig
 from d3po_core.objectives.implicit import image_rewards, pick_agreement
 from d3po_core.session import Session
 from d3po_core.session.reports import heldout_df, round_warnings

@@ -7,7 +7,7 @@ import re
 
 import pandas as pd
 
-from d3po_core.objectives.d3po import D3POConfig
+from d3po_core.methods import D3POConfig
 from studio import views
 
 

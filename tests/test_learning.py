@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from d3po_core.methods import D3POConfig
 from d3po_core.models import default_model, load_pipeline
 from d3po_core.objectives import METHODS
-from d3po_core.objectives.d3po import D3POConfig
 from d3po_core.sampling import SampleSettings
 from d3po_core.session import Session
 from d3po_core.settings import DEFAULT_METHOD

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from d3po_core.memory import GiB, module_bytes, plan_memory, plan_round, row_bytes
+from d3po_core.methods import D3POConfig, DiffusionDPOConfig
 from d3po_core.models import lora_parameters, remove_lora
-from d3po_core.objectives.d3po import D3POConfig, D3POObjective, Example
-from d3po_core.objectives.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOObjective
+from d3po_core.objectives.d3po import D3POObjective, Example
+from d3po_core.objectives.diffusion_dpo import DiffusionDPOObjective
 from d3po_core.rounds import OutOfMemory, run_round
 from d3po_core.sampling import sample_grid
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from d3po_core.errors import NoPicksError
+from d3po_core.methods import P3OConfig
 from d3po_core.objectives.ddpo import RewardExample
-from d3po_core.objectives.p3o import P3OConfig, P3OObjective
+from d3po_core.objectives.p3o import P3OObjective
 from d3po_core.rounds import run_round
 from d3po_core.sampling import recompute_log_probs, sample_grid
 

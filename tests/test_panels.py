@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from d3po_core.methods import D3POConfig
 from d3po_core.objectives import METHODS
-from d3po_core.objectives.d3po import D3POConfig
 from d3po_core.settings import DEFAULT_METHOD
 from studio.panels import ComparePanel, HistoryPanel, LabelPanel, TrainPanel
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from d3po_core.methods import D3POConfig, DDPOConfig
 from d3po_core.models import load_pipeline, lora_parameters
-from d3po_core.objectives.d3po import D3POConfig, Example
-from d3po_core.objectives.ddpo import DDPOConfig, RewardExample
+from d3po_core.objectives.d3po import Example
+from d3po_core.objectives.ddpo import RewardExample
 from d3po_core.sampling import sample_grid
 
 from .conftest import FAST, d3po_round, ddpo_round

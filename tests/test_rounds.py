@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from d3po_core.errors import NoPicksError, RoundCancelled, SettingsError
+from d3po_core.methods import D3POConfig
 from d3po_core.models import lora_parameters
-from d3po_core.objectives.d3po import D3POConfig, D3POObjective, Example
+from d3po_core.objectives.d3po import D3POObjective, Example
 from d3po_core.sampling import sample_grid
 
 from .conftest import FAST, d3po_round

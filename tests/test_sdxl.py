@@ -16,6 +16,7 @@ from d3po_core.__main__ import main
 from d3po_core.errors import ModelLoadError
 from d3po_core.export import export_kohya
 from d3po_core.families import family_of
+from d3po_core.methods import D3POConfig, DiffusionDPOConfig
 from d3po_core.models import (
     add_lora,
     load_lora,
@@ -23,8 +24,8 @@ from d3po_core.models import (
     lora_parameters,
     save_lora,
 )
-from d3po_core.objectives.d3po import D3POConfig, D3POObjective, Example
-from d3po_core.objectives.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOObjective
+from d3po_core.objectives.d3po import D3POObjective, Example
+from d3po_core.objectives.diffusion_dpo import DiffusionDPOObjective
 from d3po_core.rounds import run_round
 from d3po_core.sampling import Trajectory, recompute_log_probs, sample_grid
 
@@ -181,7 +182,8 @@ def test_studio_and_panels_show_the_family_and_size(tiny_sdxl, tmp_path):
 
 
 def test_ddpo_round_on_sdxl_moves_the_adapter(xl):
-    from d3po_core.objectives.ddpo import DDPOConfig, DDPOObjective, RewardExample
+    from d3po_core.methods import DDPOConfig
+    from d3po_core.objectives.ddpo import DDPOObjective, RewardExample
 
     grids = [sample_grid(xl, PROMPT, SETTINGS, seed=20 + 2 * i).trajectory for i in range(2)]
     rewarded = [RewardExample(t, [1.0, 0.0]) for t in grids]

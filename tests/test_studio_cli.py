@@ -54,6 +54,26 @@ def test_a_busy_port_says_which_flag_to_use(tmp_path, capsys):
     assert not (tmp_path / "s").exists()  # it stopped before opening anything
 
 
+def test_a_port_just_closed_by_a_studio_is_free_again():
+    """A connection the server closed leaves the port in TIME_WAIT for a minute; the server
+    binds it all the same (SO_REUSEADDR), so the check must not call it busy."""
+    import socket
+
+    from studio.__main__ import port_in_use
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the server's side closes first: its end waits in TIME_WAIT
+        client.close()
+        assert port_in_use("127.0.0.1", port) is not None  # still listening
+    assert port_in_use("127.0.0.1", port) is None
+
+
 def test_the_app_reports_nothing_home(ctl):
     from studio.app import build_app
 

@@ -8,7 +8,7 @@ from dataclasses import fields
 import pytest
 
 from d3po_core.errors import SettingsError
-from d3po_core.objectives.d3po import D3POConfig
+from d3po_core.methods import D3POConfig
 from d3po_core.settings import LoraSettings, SampleSettings
 from studio import controls
 from studio.app import build_app

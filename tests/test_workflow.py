@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from d3po_core.errors import NoPicksError, SettingsError
 from d3po_core.export import export_diffusers, export_kohya, export_picks
+from d3po_core.methods import D3POConfig
 from d3po_core.models import has_lora, load_pipeline
-from d3po_core.objectives.d3po import D3POConfig
 from d3po_core.sampling import sample_grid
 from d3po_core.scorers import jpeg_compressibility
 from d3po_core.session import Session

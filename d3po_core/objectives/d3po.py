@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import SettingsError
+from ..methods import PairMode, Reduction
 from ..models import set_lora_enabled
 from ..rounds import (
     Batch,
@@ -32,10 +32,6 @@ from ..rounds import (
     select_steps,
 )
 from ..sampling import Trajectory
-from ..settings import RoundSettings, setting
-
-Reduction = Literal["mean", "sum"]
-PairMode = Literal["best-worst", "implied"]
 
 
 @dataclass
@@ -125,21 +121,6 @@ class Example:
     pick_id: int | None = None
 
 
-@dataclass
-class PickSettings(RoundSettings):
-    """What every method on best/worst picks takes besides the loop's settings."""
-
-    pairs: PairMode = setting(
-        "best-worst",
-        help="best-worst: one pair a pick; implied: also best > others > worst (2N−3 pairs).",
-    )
-    replay: bool = setting(
-        True,
-        help="Also train on as many earlier picks as there are new ones, drawn at random, so "
-        "rounds build on each other (a round then costs at most twice its new picks').",
-    )
-
-
 def pick_pairs(examples: list[Example], mode: PairMode) -> list[tuple[int, int, int]]:
     """(example, winner, loser) of every pair the examples' picks imply."""
     return [
@@ -147,39 +128,6 @@ def pick_pairs(examples: list[Example], mode: PairMode) -> list[tuple[int, int, 
         for e, ex in enumerate(examples)
         for win, lose in pairs_from_pick(ex.trajectory.n, ex.best, ex.worst, mode)
     ]
-
-
-@dataclass
-class D3POConfig(PickSettings):
-    """Settings of one D3PO round; every default is chosen to be safe for a first round."""
-
-    method: ClassVar[str] = "d3po"
-
-    beta: float = setting(
-        0.1,
-        low=0,
-        low_open=True,
-        high=100,
-        help="Scale of the preference margin Δ; with reduction 'sum' it must be small "
-        "(0.1 keeps Δ in the sigmoid's responsive range over a short round).",
-    )
-    reduction: Reduction = setting(
-        "sum",
-        help="sum: the true log-density ratio of a step; mean: the official code's "
-        "per-dimension average (with ratio clipping its loss sticks near 0.693).",
-    )
-    ratio_clip: float | None = setting(
-        None,
-        low=0,
-        low_open=True,
-        high=0.99,
-        help="Clamp each ratio π_θ/π_ref to [1−ε, 1+ε] (no gradient outside); none: off.",
-    )
-    reference: Literal["base", "previous"] = setting(
-        "base",
-        help="base: stay close to the original model; previous: to the adapter as the round "
-        "starts.",
-    )
 
 
 class D3POObjective(Objective):

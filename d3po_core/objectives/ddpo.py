@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..errors import ScorerError, SettingsError
+from ..methods import Reduction
 from ..rounds import (
     Batch,
     Objective,
@@ -35,47 +35,6 @@ from ..rounds import (
     select_steps,
 )
 from ..sampling import Trajectory
-from ..settings import RoundSettings, setting
-from .d3po import Reduction
-
-
-@dataclass
-class RewardSettings(RoundSettings):
-    """Settings of a round on rewards (DDPO's, the official code's choices where they apply;
-    P3O takes the same, with ε on the pair's ratio)."""
-
-    learning_rate: float = setting(
-        3e-3,
-        low=0,
-        low_open=True,
-        high=1,
-        aliases=("--lr",),
-        help="AdamW step size; 3e-3 was the best of 3e-4 / 1e-3 / 3e-3 in bench/ablation.py "
-        "(PPO's small ε keeps the steps small).",
-    )
-    epochs: int = setting(1, low=1, high=100, help="Passes over the round's items.")
-    grad_accum: int = setting(
-        4, low=1, high=1024, help="UNet calls an optimizer step (gradient accumulation)."
-    )
-    clip_range: float = setting(
-        1e-4, low=0, low_open=True, high=0.99, help="PPO's ε on the per-dimension ratio."
-    )
-    adv_clip: float = setting(
-        5.0, low=0, low_open=True, help="Advantages are clipped to [−adv_clip, adv_clip]."
-    )
-    reduction: Reduction = setting(
-        "mean", help="mean: per-dimension log-ratio, as the official code; sum: the whole step."
-    )
-    min_group: int = setting(
-        2, low=1, help="Images a prompt needs in the round for its own mean and std."
-    )
-
-
-@dataclass
-class DDPOConfig(RewardSettings):
-    """Settings of one DDPO round."""
-
-    method: ClassVar[str] = "ddpo"
 
 
 @dataclass

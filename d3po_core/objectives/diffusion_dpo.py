@@ -17,45 +17,13 @@ is called without guidance (the conditional branch), as in the paper.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 import torch.nn.functional as F
 
 from ..models import set_lora_enabled
 from ..rounds import Batch, Objective
-from ..settings import setting
-from .d3po import PairMode, PickSettings, pick_pairs
+from .d3po import pick_pairs
 from .implicit import denoising_error
-
-
-@dataclass
-class DiffusionDPOConfig(PickSettings):
-    """Settings of one Diffusion-DPO round."""
-
-    method: ClassVar[str] = "diffusion-dpo"
-
-    beta: float = setting(
-        2500.0,
-        low=0,
-        low_open=True,
-        high=1e6,
-        help="Scale of the margin on the per-dimension denoising errors (2500: the paper's "
-        "value for SD 1.5).",
-    )
-    noise_draws: int = setting(
-        4,
-        low=1,
-        high=1000,
-        help="Noise levels (t, ε) drawn for each pair in a round (4 with implied pairs: 20 a "
-        "pick on a 4-grid).",
-    )
-    pairs: PairMode = setting(
-        "implied",
-        help="best-worst: one pair a pick; implied: also best > others > worst (2N−3 pairs), "
-        "the default: every image of the grid teaches something.",
-    )
 
 
 class DiffusionDPOObjective(Objective):
@@ -121,17 +89,6 @@ class DiffusionDPOObjective(Objective):
 
     def summary(self) -> dict:
         return {"picks": len(self.examples)}
-
-
-@dataclass
-class SFTConfig(PickSettings):
-    """Settings of one round of supervised fine-tuning on the chosen images."""
-
-    method: ClassVar[str] = "sft"
-
-    noise_draws: int = setting(
-        20, low=1, high=1000, help="Noise levels (t, ε) drawn for each chosen image in a round."
-    )
 
 
 class SFTObjective(DiffusionDPOObjective):

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -30,14 +28,7 @@ from ..rounds import (
     require_log_probs,
     select_steps,
 )
-from .ddpo import RewardObjective, RewardSettings, rewarded_advantages
-
-
-@dataclass
-class P3OConfig(RewardSettings):
-    """Settings of one P3O round: DDPO's, with ε on the pair's per-dimension ratio."""
-
-    method: ClassVar[str] = "p3o"
+from .ddpo import RewardObjective, rewarded_advantages
 
 
 class P3OObjective(RewardObjective):

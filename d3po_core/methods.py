@@ -1,0 +1,192 @@
+"""The training methods and their settings, with no torch: a front end lays out its forms
+from here before the engine loads.
+
+A method says which settings it takes, which stored data it trains on ("picks": the
+labeler's best/worst picks; "rewards": a scorer's value per image) and, in one line, what it
+does. Its objective (the loss on the round loop) is in :mod:`d3po_core.objectives`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from .errors import SettingsError
+from .settings import RoundSettings, setting
+
+Reduction = Literal["mean", "sum"]
+PairMode = Literal["best-worst", "implied"]
+
+
+@dataclass
+class PickSettings(RoundSettings):
+    """What every method on best/worst picks takes besides the loop's settings."""
+
+    pairs: PairMode = setting(
+        "best-worst",
+        help="best-worst: one pair a pick; implied: also best > others > worst (2N−3 pairs).",
+    )
+    replay: bool = setting(
+        True,
+        help="Also train on as many earlier picks as there are new ones, drawn at random, so "
+        "rounds build on each other (a round then costs at most twice its new picks').",
+    )
+
+
+@dataclass
+class D3POConfig(PickSettings):
+    """Settings of one D3PO round; every default is chosen to be safe for a first round."""
+
+    method: ClassVar[str] = "d3po"
+
+    beta: float = setting(
+        0.1,
+        low=0,
+        low_open=True,
+        high=100,
+        help="Scale of the preference margin Δ; with reduction 'sum' it must be small "
+        "(0.1 keeps Δ in the sigmoid's responsive range over a short round).",
+    )
+    reduction: Reduction = setting(
+        "sum",
+        help="sum: the true log-density ratio of a step; mean: the official code's "
+        "per-dimension average (with ratio clipping its loss sticks near 0.693).",
+    )
+    ratio_clip: float | None = setting(
+        None,
+        low=0,
+        low_open=True,
+        high=0.99,
+        help="Clamp each ratio π_θ/π_ref to [1−ε, 1+ε] (no gradient outside); none: off.",
+    )
+    reference: Literal["base", "previous"] = setting(
+        "base",
+        help="base: stay close to the original model; previous: to the adapter as the round "
+        "starts.",
+    )
+
+
+@dataclass
+class DiffusionDPOConfig(PickSettings):
+    """Settings of one Diffusion-DPO round."""
+
+    method: ClassVar[str] = "diffusion-dpo"
+
+    beta: float = setting(
+        2500.0,
+        low=0,
+        low_open=True,
+        high=1e6,
+        help="Scale of the margin on the per-dimension denoising errors (2500: the paper's "
+        "value for SD 1.5).",
+    )
+    noise_draws: int = setting(
+        4,
+        low=1,
+        high=1000,
+        help="Noise levels (t, ε) drawn for each pair in a round (4 with implied pairs: 20 a "
+        "pick on a 4-grid).",
+    )
+    pairs: PairMode = setting(
+        "implied",
+        help="best-worst: one pair a pick; implied: also best > others > worst (2N−3 pairs), "
+        "the default: every image of the grid teaches something.",
+    )
+
+
+@dataclass
+class SFTConfig(PickSettings):
+    """Settings of one round of supervised fine-tuning on the chosen images."""
+
+    method: ClassVar[str] = "sft"
+
+    noise_draws: int = setting(
+        20, low=1, high=1000, help="Noise levels (t, ε) drawn for each chosen image in a round."
+    )
+
+
+@dataclass
+class RewardSettings(RoundSettings):
+    """Settings of a round on rewards (DDPO's, the official code's choices where they apply;
+    P3O takes the same, with ε on the pair's ratio)."""
+
+    learning_rate: float = setting(
+        3e-3,
+        low=0,
+        low_open=True,
+        high=1,
+        aliases=("--lr",),
+        help="AdamW step size; 3e-3 was the best of 3e-4 / 1e-3 / 3e-3 in bench/ablation.py "
+        "(PPO's small ε keeps the steps small).",
+    )
+    epochs: int = setting(1, low=1, high=100, help="Passes over the round's items.")
+    grad_accum: int = setting(
+        4, low=1, high=1024, help="UNet calls an optimizer step (gradient accumulation)."
+    )
+    clip_range: float = setting(
+        1e-4, low=0, low_open=True, high=0.99, help="PPO's ε on the per-dimension ratio."
+    )
+    adv_clip: float = setting(
+        5.0, low=0, low_open=True, help="Advantages are clipped to [−adv_clip, adv_clip]."
+    )
+    reduction: Reduction = setting(
+        "mean", help="mean: per-dimension log-ratio, as the official code; sum: the whole step."
+    )
+    min_group: int = setting(
+        2, low=1, help="Images a prompt needs in the round for its own mean and std."
+    )
+
+
+@dataclass
+class DDPOConfig(RewardSettings):
+    """Settings of one DDPO round."""
+
+    method: ClassVar[str] = "ddpo"
+
+
+@dataclass
+class P3OConfig(RewardSettings):
+    """Settings of one P3O round: DDPO's, with ε on the pair's per-dimension ratio."""
+
+    method: ClassVar[str] = "p3o"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type[RoundSettings]
+    inputs: str  # "picks" or "rewards"
+    summary: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("d3po", D3POConfig, "picks", "D3PO on best/worst picks"),
+        Method(
+            "diffusion-dpo",
+            DiffusionDPOConfig,
+            "picks",
+            "Diffusion-DPO (noise-level loss) on best/worst picks",
+        ),
+        Method("sft", SFTConfig, "picks", "supervised fine-tuning on the chosen images"),
+        Method("ddpo", DDPOConfig, "rewards", "DDPO (PPO-clip) on rewards"),
+        Method("p3o", P3OConfig, "rewards", "P3O (pairwise PPO) on rewards"),
+    )
+}
+
+
+def method_of(config: RoundSettings) -> Method:
+    """The registered method whose settings ``config`` is."""
+    for method in METHODS.values():
+        if type(config) is method.config:
+            return method
+    raise SettingsError(f"no training method takes {type(config).__name__}")
+
+
+def config_from_dict(data: dict) -> RoundSettings:
+    """A round's stored settings back as its method's config (D3PO when untagged)."""
+    method = METHODS.get(data.get("method", "d3po"))
+    if method is None:
+        raise SettingsError(f"unknown training method {data.get('method')!r}")
+    return method.config.from_dict(data)
