@@ -39,6 +39,7 @@ def start_once(args: argparse.Namespace, browser, clicks: int) -> dict[str, floa
     if args.model:
         cmd += ["--model", args.model]
     env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as a user's Python: sources compiled once
     if args.source:
         env["PYTHONPATH"] = str(Path(args.source).resolve())
     start = time.perf_counter()
