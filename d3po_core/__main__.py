@@ -1,4 +1,4 @@
-"""Headless CLI: ``python -m d3po_core {generate,label,train,simulate,export}``.
+"""Headless CLI: ``python -m d3po_core {generate,label,train,simulate,export,check}``.
 
 Each command's options are settings dataclasses (d3po_core.settings) parsed by one
 ``SettingsParser``: the sampling settings, a method's round settings, the adapter's and the
@@ -128,7 +128,9 @@ def _load(model: ModelArgs, session, device=None):
     from .workflow import sync_active
 
     pipe = load_pipeline(model.model or default_model(), device=device or model.device)
-    sync_active(pipe, session)
+    said = sync_active(pipe, session)
+    if said:  # a damaged adapter: an earlier round (or the base) is active now
+        print(f"warning: {said}", file=sys.stderr)
     return pipe
 
 
@@ -325,11 +327,20 @@ def cmd_export(parsed: tuple, given: set[str]) -> None:
             print(f"picks: {export_picks(session, args.picks)}")
 
 
+def cmd_check(parsed: tuple, given: set[str]) -> int:
+    from .session.check import check_session, report
+
+    (where,) = parsed
+    findings = check_session(where.session)
+    print(report(findings))
+    return 0 if all(f.whole for f in findings) else 1
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
     options: Callable[[list[str]], tuple[type, ...]]
-    run: Callable[[tuple, set[str]], None]
+    run: Callable[[tuple, set[str]], int | None]  # the exit code (None: 0)
 
 
 def _simulate_options(argv: list[str]) -> tuple[type, ...]:
@@ -379,6 +390,11 @@ COMMANDS = {
         lambda argv: (SessionArgs, ModelArgs, ExportArgs),
         cmd_export,
     ),
+    "check": Command(
+        "list what of a session is whole and what is damaged (exit code 1 if anything is)",
+        lambda argv: (SessionArgs,),
+        cmd_check,
+    ),
 }
 
 
@@ -409,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()  # our own bars say what is going on
-        command.run(parsed, parser.given(argv[1:]))
+        code = command.run(parsed, parser.given(argv[1:]))
     except D3POError as exc:
         if isinstance(exc, RoundCancelled):
             print("interrupted; nothing half-written was kept", file=sys.stderr)
@@ -423,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         root = session_root if session_root and Path(session_root).is_dir() else None
         print(f"error: {report_unexpected(exc, root)}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -31,8 +31,16 @@ class SessionBusy(SessionError):
     """Another process (or thread) is training a round on the same session."""
 
 
+class DamagedFile(SessionError):
+    """A file of the session (a trajectory, an image) cannot be read: damaged or missing."""
+
+
 class ModelLoadError(D3POError):
     """A model or an adapter could not be loaded."""
+
+
+class DamagedAdapter(ModelLoadError):
+    """A saved adapter's files are missing or cannot be read (not: it fits another model)."""
 
 
 class ScorerError(D3POError):

@@ -19,7 +19,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-from .errors import ModelLoadError
+from .errors import DamagedAdapter, ModelLoadError
 from .families import FAMILIES, SUPPORTED_PIPELINES, ModelFamily, family_of_unet
 from .session.files import readable
 from .settings import LoraSettings, looks_like_hub_id, model_folder
@@ -227,7 +227,10 @@ def read_lora_settings(directory: str | Path) -> LoraSettings:
     path = Path(directory) / "lora_settings.json"
     if not path.is_file():
         return LoraSettings()
-    return LoraSettings(**json.loads(path.read_text()))
+    try:
+        return LoraSettings(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:  # not JSON, or not our settings
+        raise DamagedAdapter(f"unreadable adapter settings {path}: {exc}") from None
 
 
 def load_lora(unet: torch.nn.Module, directory: str | Path) -> LoraSettings:
@@ -235,11 +238,11 @@ def load_lora(unet: torch.nn.Module, directory: str | Path) -> LoraSettings:
     directory = Path(directory)
     weights = directory / LORA_WEIGHT_NAME
     if not weights.is_file():
-        raise ModelLoadError(f"no LoRA weights at {weights}")
+        raise DamagedAdapter(f"no LoRA weights at {weights}")
     try:
         state, _alphas = family_of_unet(unet).pipeline_class.lora_state_dict(directory)
     except Exception as exc:
-        raise ModelLoadError(f"corrupt or unreadable LoRA file {weights}: {exc}") from exc
+        raise DamagedAdapter(f"corrupt or unreadable LoRA file {weights}: {exc}") from exc
     settings = read_lora_settings(directory)
     add_lora(unet, settings)
     unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}

@@ -7,10 +7,11 @@ commit its adapter; activate a round (or the base model) in the pipeline.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Callable, Sequence
 
-from .errors import NoPicksError
+from .errors import DamagedAdapter, DamagedFile, NoPicksError, SessionError
 from .models import load_lora, remove_lora, save_lora
 from .objectives import METHODS, OBJECTIVES, method_of
 from .objectives.d3po import Example
@@ -32,12 +33,37 @@ def activate(pipe, session: Session, round_id: int | None) -> None:
     session.set_active_round(round_id)
 
 
-def sync_active(pipe, session: Session) -> None:
-    """Put the session's active round into the pipeline (or none: the base model)."""
-    if session.active_round is None:
+def sync_active(pipe, session: Session) -> str:
+    """Put the session's active round into the pipeline (or none: the base model).
+
+    When the active round's adapter is damaged, the last whole round before it becomes
+    active (or the base model), in the session too; the returned line says so (else "").
+    An adapter that does not fit this model raises :class:`ModelLoadError`.
+    """
+    active = session.active_round
+    if active is None:
         remove_lora(pipe.unet)
-    else:
-        load_lora(pipe.unet, session.round_path(session.active_round))
+        return ""
+    damaged = []
+    for round_id in range(active, 0, -1):
+        try:
+            load_lora(pipe.unet, session.round_path(round_id))
+        except DamagedAdapter as exc:
+            damaged.append(f"round {round_id} ({exc})")
+            continue
+        except SessionError:  # no such round (ids are never reused, but may be missing)
+            continue
+        if round_id == active:
+            return ""
+        session.set_active_round(round_id)
+        return f"{_damaged_line(damaged)}; round {round_id}, the last whole one, is active now"
+    remove_lora(pipe.unet)
+    session.set_active_round(None)
+    return f"{_damaged_line(damaged)}; no whole round is left, so the base model is active now"
+
+
+def _damaged_line(damaged: list[str]) -> str:
+    return "the adapter of " + ", and of ".join(damaged) + " cannot be read"
 
 
 def generate(
@@ -92,11 +118,12 @@ def unlabeled_grids(session: Session) -> list[int]:
 
 
 def load_examples(
-    session: Session, *, replay: bool = False, seed: int = 0
+    session: Session, *, replay: bool = False, seed: int = 0, damaged: list[str] | None = None
 ) -> tuple[list[Example], list[Example], int]:
     """The picks to train on as Examples, those among them no round has trained on yet (the
     new picks), and the newest pick id. With ``replay``, as many earlier picks as new ones
-    (all if fewer), drawn at random by ``seed`` and the round's number, join the new ones."""
+    (all if fewer), drawn at random by ``seed`` and the round's number, join the new ones.
+    Picks on a grid whose trajectory is damaged are left out, a line each in ``damaged``."""
     picks = session.training_picks(since_last_round=True)
     if not picks:
         raise NoPicksError("no new picks to train on: label some grids (best and worst) first")
@@ -107,14 +134,34 @@ def load_examples(
         rng = random.Random(f"{seed}-{session.last_round() or 0}")
         kept = rng.sample(earlier, min(len(earlier), len(picks)))
         picks = sorted(kept, key=lambda p: p["pick_id"]) + picks
-    cache: dict[int, Trajectory] = {}
-    examples = []
-    for p in picks:
-        if p["grid_id"] not in cache:
-            cache[p["grid_id"]] = load_trajectory(session, p["grid_id"])
-        examples.append(Example(cache[p["grid_id"]], p["best"], p["worst"], p["pick_id"]))
+    trajectories = readable_trajectories(session, [p["grid_id"] for p in picks], damaged)
+    examples = [
+        Example(trajectories[p["grid_id"]], p["best"], p["worst"], p["pick_id"])
+        for p in picks
+        if p["grid_id"] in trajectories
+    ]
     new = [ex for ex in examples if ex.pick_id in new_ids]
+    if not new:
+        raise NoPicksError(
+            "every new pick's grid has a damaged trajectory file, so nothing can be trained: "
+            "label new grids (`python -m d3po_core check` lists what is whole)"
+        )
     return examples, new, max(p["pick_id"] for p in picks)
+
+
+def readable_trajectories(
+    session: Session, grid_ids: Sequence[int], damaged: list[str] | None = None
+) -> dict[int, Trajectory]:
+    """The trajectories of these grids that can be read, by grid id; a damaged one is left
+    out, with a line in ``damaged``."""
+    found: dict[int, Trajectory] = {}
+    for grid_id in dict.fromkeys(grid_ids):
+        try:
+            found[grid_id] = load_trajectory(session, grid_id)
+        except DamagedFile as exc:
+            if damaged is not None:
+                damaged.append(f"{exc}: this round leaves it out")
+    return found
 
 
 def heldout_agreement(pipe, session: Session, new: list[Example]) -> dict:
@@ -164,16 +211,26 @@ def train_round(
 def _train_round(pipe, session, config, rewarded, on_progress, should_cancel, accelerator):
     method = method_of(config)
     extra: dict = {}
+    damaged: list[str] = []
     if method.inputs == "picks":
         examples, new, last_pick_id = load_examples(
-            session, replay=getattr(config, "replay", False), seed=config.seed
+            session, replay=getattr(config, "replay", False), seed=config.seed, damaged=damaged
         )
         extra.update(heldout_agreement(pipe, session, new))
     else:
-        examples = [RewardExample(load_trajectory(session, g), list(r)) for g, r in rewarded]
+        rewarded = list(rewarded or [])
+        found = readable_trajectories(session, [g for g, _ in rewarded], damaged)
+        examples = [RewardExample(found[g], list(r)) for g, r in rewarded if g in found]
+        if not examples:
+            raise NoPicksError("every rewarded grid's trajectory is damaged: nothing to train")
         rounds = session.rounds_df()
         last_pick_id = int(rounds["last_pick_id"].iloc[-1]) if len(rounds) else 0
-        extra["grid_ids"] = [g for g, _ in rewarded]
+        extra["grid_ids"] = [g for g, _ in rewarded if g in found]
+    if damaged:  # said now, and kept with the round
+        extra["damaged"] = damaged
+        for line in damaged:
+            if on_progress is not None:
+                on_progress(ProgressEvent(0, 0, math.nan, math.nan, 0.0, "data", line))
     result = run_round(
         pipe,
         OBJECTIVES[method.name](examples, config),

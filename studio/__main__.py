@@ -20,7 +20,6 @@ from d3po_core.settings import (
     setting,
 )
 
-
 #: seconds the model load waits for a first browser to have the page up before it starts
 FIRST_PAGE_GRACE_S = 3.0
 

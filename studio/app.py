@@ -107,7 +107,7 @@ def build_app(ctl: StudioController | Starting) -> gr.Blocks:
             sample = real.sample_settings
             return (
                 views.model_line(real.model_info()),
-                "Ready.",
+                f"⚠️ {real.notice[0].upper()}{real.notice[1:]}." if real.notice else "Ready.",
                 views.picks_waiting(real.picks_since_last_round()),
                 *(getattr(sample, path) for path in shared.sampling),
             )

@@ -87,7 +87,8 @@ class StudioController:
         self.session = Session.open(session_dir)
         self.model = str(model or default_model())
         self.pipe = pipe if pipe is not None else load_pipeline(self.model, device=device)
-        workflow.sync_active(self.pipe, self.session)
+        #: what the user should read on opening (a damaged adapter set aside), else ""
+        self.notice = workflow.sync_active(self.pipe, self.session)
         self.sample_settings = sample_settings or SampleSettings(**self.pipe.recommended)
         self._gpu = threading.Lock()
         self._cancel = threading.Event()
@@ -140,12 +141,12 @@ class StudioController:
         the model, the base model becomes active (in the session too, so grids are not
         credited to a round that did not sample them) and the returned words say so."""
         try:
-            workflow.sync_active(self.pipe, self.session)
+            said = workflow.sync_active(self.pipe, self.session)
         except ModelLoadError:
             round_id = self.session.active_round
             workflow.activate(self.pipe, self.session, None)
             return f" Round {round_id}'s adapter does not fit this model, so the base is active."
-        return ""
+        return f" {said[0].upper()}{said[1:]}." if said else ""
 
     @property
     def session_root(self) -> Path:

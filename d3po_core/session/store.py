@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from d3po_core.errors import SessionBusy, SessionError
+from d3po_core.errors import DamagedFile, SessionBusy, SessionError
 from d3po_core.settings import MAX_PROMPT_CHARS, SampleSettings, spec
 
 from .files import (
@@ -100,6 +100,17 @@ def _prompt(text: Any, what: str = "prompt") -> str:
     return text
 
 
+def damaged_database(root: Path, exc: Exception) -> str:
+    """What to tell a user whose session.db cannot be read, and how to go on."""
+    db = root / "session.db"
+    return (
+        f"{db} is damaged ({exc}): its picks, grids and rounds cannot be read. "
+        f"`python -m d3po_core check --session {root}` lists what is whole; to go on, move "
+        "session.db (and any session.db-wal, session.db-shm) aside and open the folder again, "
+        "which starts an empty session beside the old images and adapters"
+    )
+
+
 def _created(df: pd.DataFrame) -> pd.DataFrame:
     df["created"] = pd.to_datetime(df["created"], utc=True, format="ISO8601")
     return df
@@ -144,6 +155,9 @@ class Session:
                 self._recover()
                 if fcntl is not None:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # let other openers in
+        except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
+            self.close()
+            raise SessionError(damaged_database(root, exc)) from None
         except BaseException:
             self.close()
             raise
@@ -463,8 +477,16 @@ class Session:
         return images
 
     def load_tensors(self, grid_id: int) -> dict[str, torch.Tensor]:
-        """The grid's trajectory tensors as saved by add_grid (safetensors, no pickle)."""
-        return load_file(self.grid(grid_id)["trajectory_path"])
+        """The grid's trajectory tensors as saved by add_grid (safetensors, no pickle);
+        :class:`DamagedFile` when the file is missing or cannot be read."""
+        path = self.grid(grid_id)["trajectory_path"]
+        try:
+            return load_file(path)
+        except Exception as exc:  # safetensors' own error, an OSError, …
+            raise DamagedFile(
+                f"the trajectory of grid {grid_id} ({path}) is damaged or missing "
+                f"({type(exc).__name__}: {str(exc)[:120]})"
+            ) from None
 
     def grids_df(self) -> pd.DataFrame:
         """All grids: id, prompt, negative_prompt, seed (first image's), n, model,
@@ -602,6 +624,12 @@ class Session:
             )
             self._set_state("active_round", str(round_id))
         return round_id
+
+    def integrity_problems(self) -> list[str]:
+        """SQLite's integrity check of the database: empty when it is whole."""
+        with self._lock:
+            rows = self._conn.execute("PRAGMA integrity_check").fetchall()
+        return [r[0] for r in rows if r[0] != "ok"]
 
     def round_path(self, round_id: int) -> Path:
         """The adapter folder of a committed round."""
