@@ -1,10 +1,11 @@
 """Subprocess for kill tests: does session work and prints each confirmed result, flushed.
 
-Usage: ``python tests/_session_worker.py ROOT MODE [COUNT]``. A line is printed only after the
-call it reports has returned, so the parent can SIGKILL at any moment and then check that every
-printed result survived. Modes:
+Usage: ``python tests/_session_worker.py ROOT MODE [COUNT [LABELER]]``. A line is printed only
+after the call it reports has returned, so the parent can SIGKILL at any moment and then check
+that every printed result survived. Modes:
 
-- ``picks``: COUNT picks over the session's grids; prints ``pick ID GRID BEST WORST``.
+- ``picks``: COUNT picks over the session's grids by LABELER (default "worker"); prints
+  ``pick ID GRID BEST WORST LABELER``.
 - ``grids``: COUNT 2-image grids; prints ``grid ID``.
 - ``round-slow``: fills a new_round_dir() slowly and never commits; prints ``dir PATH`` then
   ``chunk I`` per chunk written.
@@ -45,7 +46,7 @@ def write_adapter_slowly(session: Session, chunks: int) -> Path:
     return folder
 
 
-def main(root: str, mode: str, count: int) -> None:
+def main(root: str, mode: str, count: int, labeler: str = "worker") -> None:
     with Session.open(root) as session:
         if mode == "picks":
             grids = session.grids_df()[["id", "n"]].itertuples(index=False)
@@ -53,8 +54,8 @@ def main(root: str, mode: str, count: int) -> None:
             for i in range(count):
                 grid_id, n = grids[i % len(grids)]
                 best, worst = i % n, (i + 1) % n
-                pick_id = session.add_pick(grid_id, best=best, worst=worst, labeler="worker")
-                say(f"pick {pick_id} {grid_id} {best} {worst}")
+                pick_id = session.add_pick(grid_id, best=best, worst=worst, labeler=labeler)
+                say(f"pick {pick_id} {grid_id} {best} {worst} {labeler}")
         elif mode == "grids":
             image = Image.new("RGB", (8, 8), (10, 20, 30))
             for i in range(count):
@@ -82,4 +83,4 @@ def main(root: str, mode: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1, *sys.argv[4:5])

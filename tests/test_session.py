@@ -454,7 +454,7 @@ def test_kill_during_pick_burst_loses_no_confirmed_pick(tmp_path: Path) -> None:
     proc = _spawn(root, "picks", 100_000)
     lines = _read_until(proc, lambda ls: len(ls) >= 40)
     assert proc.returncode == -signal.SIGKILL
-    confirmed = {int(pid): (int(g), int(b), int(w)) for _, pid, g, b, w in lines}
+    confirmed = {int(pid): (int(g), int(b), int(w)) for _, pid, g, b, w, _who in lines}
     with Session.open(root) as s:
         df = s.picks_df().set_index("id")
     assert set(confirmed) <= set(df.index)
