@@ -45,6 +45,11 @@ def _free_port() -> int:
 def studio(tmp_path):
     port = _free_port()
     session = tmp_path / "session"
+    # the network is blocked in the studio's process: whatever it asks of it is logged
+    network_log = tmp_path / "network.log"
+    env = repo_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests" / "_no_network"), env["PYTHONPATH"]])
+    env["D3PO_NETWORK_LOG"] = str(network_log)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -58,7 +63,7 @@ def studio(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=repo_env(),
+        env=env,
         cwd=REPO,
     )
     deadline = time.time() + 180
@@ -68,7 +73,7 @@ def studio(tmp_path):
             break
         if proc.poll() is not None:
             raise AssertionError("the studio exited before it was ready")
-    yield f"http://127.0.0.1:{port}", session
+    yield f"http://127.0.0.1:{port}", session, network_log
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -83,7 +88,7 @@ def _shots() -> Path:
 def test_label_train_compare_in_a_real_browser(studio):
     from playwright.sync_api import expect, sync_playwright
 
-    url, session_dir = studio
+    url, session_dir, network_log = studio
     shots = _shots()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -202,3 +207,4 @@ def test_label_train_compare_in_a_real_browser(studio):
         assert (list(picks["best"][:3]), list(picks["worst"][:3])) == ([1, 0, 0], [3, 2, 2])
         assert session.last_round() == 1
         assert len(session.comparisons_df()) == 1
+    assert not network_log.exists(), f"the studio asked the network: {network_log.read_text()}"

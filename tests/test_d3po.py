@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from d3po_core.errors import SettingsError
+from d3po_core.methods import D3POConfig
 from d3po_core.models import base_model, remove_lora
 from d3po_core.objectives.d3po import (
-    D3POConfig,
     Example,
     d3po_loss,
     log_ratio,

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from d3po_core.errors import NoPicksError, RoundCancelled, ScorerError, SettingsError
+from d3po_core.methods import DDPOConfig
 from d3po_core.models import lora_parameters, remove_lora
 from d3po_core.objectives.ddpo import (
-    DDPOConfig,
     RewardExample,
     normalized_advantages,
     ppo_clip_loss,

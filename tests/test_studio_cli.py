@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from studio.__main__ import parse_args
@@ -22,6 +24,14 @@ def test_non_loopback_host_without_auth_is_refused(capsys):
 def test_non_loopback_host_with_auth_is_allowed():
     args = parse_args(["--host", "0.0.0.0", "--auth", "ana:secret"])
     assert args.auth == "ana:secret"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_auth_needs_user_and_password(capsys):
@@ -79,3 +89,33 @@ def test_the_app_reports_nothing_home(ctl):
 
     app = build_app(ctl)
     assert app.analytics_enabled is False and app.config["analytics_enabled"] is False
+
+
+def test_the_studio_asks_nothing_of_the_network(tmp_path):
+    """With the network blocked (every non-loopback connection and name lookup refused and
+    logged), the studio starts, serves its page and loads the model: nothing was asked."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from .conftest import REPO, repo_env
+
+    log = tmp_path / "network.log"
+    env = repo_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests" / "_no_network"), env["PYTHONPATH"]])
+    env["D3PO_NETWORK_LOG"] = str(log)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "studio", "--session", str(tmp_path / "s"), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        lines = [proc.stdout.readline()]
+        assert "ready at" in lines[0], lines
+        for route in ("/", "/config", "/gradio_api/info"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{route}", timeout=30) as page:
+                assert page.status == 200
+        lines.append(proc.stdout.readline())  # the model loads 3 s after the page with no browser
+        assert lines[1].startswith("Model loaded"), lines
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert not log.exists(), log.read_text()
