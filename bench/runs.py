@@ -85,7 +85,7 @@ class Run:
         pipe.set_progress_bar_config(disable=True)
         guidance = pipe.recommended.get("guidance", SampleSettings().guidance)
         settings = replace(SampleSettings(guidance=guidance), **s["settings"])
-        config = METHODS[s["method"]].config(**{**s["config"], "seed": s["seed"]})
+        config = METHODS[s["method"]].config.from_dict({**s["config"], "seed": s["seed"]})
         return cls(s, pipe, settings, config, IMAGES_PER_ROUND // settings.n)
 
     def simulate(self, scorer, eval_set: EvalSet, **kwargs) -> list[dict]:
@@ -222,6 +222,7 @@ def main(
     p.add_argument("--part", default="1/1", help="i/k: run every k-th spec from the i-th")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--only", default=None, help="comma-separated variants to run")
+    p.add_argument("--labelers", default=None, help="comma-separated objectives/tastes to run")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     if args.threads:
@@ -229,6 +230,8 @@ def main(
     all_specs = specs(args.seeds, args.rounds)
     if args.only:
         all_specs = [s for s in all_specs if s["variant"] in args.only.split(",")]
+    if args.labelers:
+        all_specs = [s for s in all_specs if s["objective"] in args.labelers.split(",")]
     if not args.report_only:
         print(f"machine: {machine()}")
         run_specs(all_specs, args.out, args.model, args.part, runner=runner, describe=describe)

@@ -163,6 +163,7 @@ _BASE_CACHE: dict[tuple, dict[str, list[float]]] = {}
 
 
 _DDPO_ONE_PAIR = {"pairs": "best-worst", "noise_draws": 20}
+_CONV_LORA = {"targets": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]}
 #: variant -> (method, config overrides): the candidates measured for the defaults
 VARIANTS: dict[str, tuple[str, dict]] = {
     "d3po": ("d3po", {"replay": False}),
@@ -183,6 +184,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     ),
     "sft-replay": ("sft", {"replay": True}),
     "d3po-replay": ("d3po", {"replay": True}),
+    # the adapter also on the resnets' convolutions, where the embedded model places shapes
+    "d3po-replay-conv": ("d3po", {"replay": True, "lora": _CONV_LORA}),
+    "diffusion-dpo-conv": (
+        "diffusion-dpo",
+        {"pairs": "implied", "noise_draws": 4, "replay": True, "lora": _CONV_LORA},
+    ),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

@@ -19,15 +19,27 @@ from diffusers.utils import convert_state_dict_to_kohya
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .errors import SettingsError
+from .errors import SessionError, SettingsError
 from .families import family_of_unet
 from .models import ADAPTER_NAME, LORA_WEIGHT_NAME, lora_settings_of
 from .session import Session
 from .session.files import readable
 
 
+def _folder(path: Path) -> Path:
+    """``path`` as a folder to write into, created if new; one line when it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SessionError(
+            f"cannot create the export folder {path} ({exc.strerror}); pass a folder you can "
+            "write to"
+        ) from None
+    return path
+
+
 def _replace_atomically(write, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _folder(target.parent)
     tmp = target.with_name(f".{target.name}.tmp")
     write(tmp)
     readable(tmp)
@@ -38,8 +50,7 @@ def _replace_atomically(write, target: Path) -> Path:
 def export_diffusers(session: Session, round_id: int, out_dir: str | Path) -> Path:
     """Copy a round's adapter folder (diffusers LoRA format) to ``out_dir``."""
     src = session.round_path(round_id)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _folder(Path(out_dir))
     for name in (LORA_WEIGHT_NAME, "lora_settings.json"):
         if (src / name).is_file():
             readable(shutil.copy2(src / name, out / name))

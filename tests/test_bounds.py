@@ -8,6 +8,7 @@ import math
 import pytest
 
 from d3po_core.__main__ import main
+from d3po_core.errors import SessionError
 from d3po_core.objectives import METHODS
 from d3po_core.settings import LoraSettings, SampleSettings, specs
 
@@ -84,3 +85,17 @@ def test_paths_and_files_that_cannot_be_used_are_one_line(tmp_path, capsys):
     assert main([*args, "--session", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {prompts} is not UTF-8 text (byte 0); save it as UTF-8\n"
+    # exports into a folder that cannot be created
+    from d3po_core.export import export_diffusers
+    from d3po_core.session import Session
+
+    with Session.open(tmp_path / "s") as session:
+        folder = session.new_round_dir()
+        (folder / "pytorch_lora_weights.safetensors").write_bytes(b"")
+        round_id = session.commit_round(folder, settings={}, metrics={}, last_pick_id=0)
+        with pytest.raises(SessionError, match="cannot create the export folder"):
+            export_diffusers(session, round_id, blocked / "lora")
+    args = ["export", "--session", str(tmp_path / "s"), "--picks", str(blocked / "p.parquet")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot create the export folder") and err.count("\n") == 1
