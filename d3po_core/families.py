@@ -148,22 +148,40 @@ class StableDiffusionXL(ModelFamily):
         negative = {"text_embeds": uncond_pooled.float(), "time_ids": time_ids.clone()}
         return Cond(cond.float(), added), Cond(uncond.float(), negative)
 
-    _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.")
+    _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets)\.(\d+)\.")
+    #: a resnet's layers in SGM's ResBlock
+    _RESNET_LAYERS = {
+        "conv1": "in_layers.2",
+        "conv2": "out_layers.3",
+        "conv_shortcut": "skip_connection",
+        "time_emb_proj": "emb_layers.1",
+    }
 
     def kohya_module(self, name: str, unet_config) -> str:
-        """SDXL's kohya files use the original (SGM) block names: ``input_blocks.4.1…``."""
+        """SDXL's kohya files use the original (SGM) block names: ``input_blocks.4.1…`` for
+        attentions, ``input_blocks.4.0.in_layers.2`` for a resnet's first convolution."""
         per_level = unet_config.layers_per_block + 1
         if name.startswith("mid_block.attentions.0."):
             return "middle_block.1." + name.removeprefix("mid_block.attentions.0.")
+        if name.startswith("mid_block.resnets."):
+            index, rest = name.removeprefix("mid_block.resnets.").split(".", 1)
+            return f"middle_block.{2 * int(index)}.{self._resnet_layer(rest)}"
         match = self._BLOCK.match(name)
         if match is None:
             return name
-        kind, level, index = match.group(1), int(match.group(2)), int(match.group(3))
+        kind, level, part, index = match.groups()
+        slot = "1" if part == "attentions" else "0"
         if kind == "down_blocks":
-            block = f"input_blocks.{per_level * level + index + 1}.1."
+            block = f"input_blocks.{per_level * int(level) + int(index) + 1}.{slot}."
         else:
-            block = f"output_blocks.{per_level * level + index}.1."
-        return block + name[match.end() :]
+            block = f"output_blocks.{per_level * int(level) + int(index)}.{slot}."
+        rest = name[match.end() :]
+        return block + (self._resnet_layer(rest) if part == "resnets" else rest)
+
+    def _resnet_layer(self, rest: str) -> str:
+        """``conv1.lora_A.weight`` → ``in_layers.2.lora_A.weight``."""
+        layer, _, tail = rest.partition(".")
+        return ".".join(filter(None, [self._RESNET_LAYERS.get(layer, layer), tail]))
 
 
 FAMILIES: dict[str, ModelFamily] = {

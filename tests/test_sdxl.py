@@ -28,6 +28,7 @@ from d3po_core.objectives.d3po import D3POObjective, Example
 from d3po_core.objectives.diffusion_dpo import DiffusionDPOObjective
 from d3po_core.rounds import run_round
 from d3po_core.sampling import Trajectory, recompute_log_probs, sample_grid
+from d3po_core.settings import LoraSettings
 
 from .conftest import FAST
 
@@ -134,6 +135,29 @@ def test_diffusion_dpo_round_and_the_adapter_in_plain_diffusers(xl, tiny_sdxl, t
     assert any(k.startswith("lora_unet_middle_block_1_") for k in keys)
     assert not any("down_blocks" in k or "up_blocks" in k for k in keys)
     plain = _plain(tiny_sdxl)
+    plain.load_lora_weights(kohya)
+    torch.testing.assert_close(_plain_latents(plain, SETTINGS, seed=7), ours, atol=1e-5, rtol=0)
+
+
+def test_a_conv_adapter_in_kohya_form_loads_in_plain_diffusers(xl, tiny_sdxl, tmp_path):
+    """An adapter on the resnets' convolutions too (conv1/conv2) exports with SGM's names
+    (``input_blocks.1.0.in_layers.2``) and gives the same images in plain diffusers."""
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+    add_lora(xl.unet, LoraSettings(targets=targets))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lora_parameters(xl.unet):
+            p.add_(0.05 * torch.randn_like(p))
+    ours = sample_grid(xl, PROMPT, SETTINGS, seed=7).trajectory.latents[:, -1]
+    kohya = export_kohya(xl.unet, tmp_path / "xl-conv.safetensors")
+    keys = list(load_file(kohya))
+    assert any(k.startswith("lora_unet_input_blocks_1_0_in_layers_2.") for k in keys)
+    assert any(k.startswith("lora_unet_middle_block_2_out_layers_3.") for k in keys)
+    assert any(k.startswith("lora_unet_output_blocks_0_0_in_layers_2.") for k in keys)
+    assert not any("resnets" in k or "conv1" in k for k in keys)
+    plain = _plain(tiny_sdxl)
+    base = _plain_latents(plain, SETTINGS, seed=7)
+    assert (base - ours).abs().max() > 1e-3
     plain.load_lora_weights(kohya)
     torch.testing.assert_close(_plain_latents(plain, SETTINGS, seed=7), ours, atol=1e-5, rtol=0)
 
