@@ -42,23 +42,20 @@ class Starting:
             target=self._load, args=(model, device), name="d3po-load-model", daemon=True
         )
 
+    @classmethod
+    def loaded(cls, controller: StudioController) -> Starting:
+        """A controller that is already there, e.g. one a test or a notebook built."""
+        self = cls(controller.session_root)
+        self._controller, self.load_seconds = controller, 0.0
+        self._done.set()
+        return self
+
     def start(self) -> Starting:
         """Open the session and load the model in the background (once; later calls return)."""
         with self._starting:
             if not self._thread.is_alive() and not self._done.is_set():
                 self.started = time.perf_counter()
                 self._thread.start()
-        return self
-
-    @classmethod
-    def loaded(cls, controller: StudioController) -> Starting:
-        """A controller that is already there, e.g. one a test or a notebook built."""
-        self = cls.__new__(cls)
-        self.requested_session = controller.session_root
-        self.started, self.load_seconds = time.perf_counter(), 0.0
-        self._controller, self._error = controller, None
-        self._done = threading.Event()
-        self._done.set()
         return self
 
     def _load(self, model: str | None, device) -> None:

@@ -69,6 +69,12 @@ def test_a_page_laid_out_while_loading_fills_in_when_the_model_is_in(tmp_path):
         starting.close()
 
 
+def test_a_loaded_controller_is_started_already(ctl):
+    starting = Starting.loaded(ctl)
+    assert starting.is_loaded and starting.start() is starting and starting.wait() is ctl
+    assert starting.peek(lambda c: c.session_root, None) == ctl.session_root
+
+
 def test_an_action_before_the_model_is_in_waits_for_it(tmp_path, tiny_eps):
     starting = Starting(tmp_path / "s", model=str(tiny_eps), device="cpu").start()
     try:
