@@ -376,7 +376,7 @@ COMMANDS = {
         cmd_label,
     ),
     "train": Command(
-        "train one round on the new picks (D3PO by default)",
+        "train one round on the new picks (Diffusion-DPO by default; --method d3po)",
         _train_options,
         cmd_train,
     ),
