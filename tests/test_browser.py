@@ -190,6 +190,7 @@ def test_label_train_compare_in_a_real_browser(studio):
         page.reload(wait_until="domcontentloaded")
         name = page.get_by_label("Your name (saved with every pick)")
         expect(name).to_have_value("ana", timeout=60_000)
+        expect(page.locator("#status")).to_have_text("Ready.", timeout=60_000)  # page loaded
         # a new session folder from the page: a fresh session, said and shown
         page.get_by_text("Session folder", exact=True).click()
         page.fill("#session-folder textarea", str(session_dir.parent / "second"))
