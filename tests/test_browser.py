@@ -140,6 +140,8 @@ def test_label_train_compare_in_a_real_browser(studio):
             page.keyboard.press("3")
             expect(counter).to_contain_text(f"{n} pick(s)")
             expect(grid_info).to_contain_text(f"Grid {n + 1}", timeout=120_000)
+            # keys count once the grid is on screen (pressed while it loads, they are ignored)
+            expect(status).to_contain_text("Click the best", timeout=120_000)
         page.keyboard.press("t")
         expect(grid_info).to_contain_text("Grid 5", timeout=120_000)  # a tie moves on too
         expect(counter).to_contain_text("3 pick(s)")  # and is no training pick
