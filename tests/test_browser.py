@@ -195,11 +195,15 @@ def test_label_train_compare_in_a_real_browser(studio):
         expect(page.locator("#status")).to_have_text("Ready.", timeout=60_000)  # page loaded
         # a new session folder from the page: a fresh session, said and shown
         page.get_by_text("Session folder", exact=True).click()
-        page.fill("#session-folder textarea", str(session_dir.parent / "second"))
+        folder = page.locator("#session-folder textarea")
+        second = str(session_dir.parent / "second")
+        expect(folder).to_be_visible()
+        folder.fill(second)
+        expect(folder).to_have_value(second)
         page.click("#open-session")
-        expect(page.locator("#status")).to_contain_text("Opened", timeout=60_000)
+        expect(page.locator("#status")).to_contain_text(f"Opened {second}", timeout=60_000)
         expect(page.locator("#pick-counter")).to_contain_text("0 pick(s)")
-        expect(page.locator("#model-info")).to_contain_text("second")
+        expect(page.locator("#model-info")).to_contain_text(second)
         browser.close()
 
     with Session.open(session_dir) as session:
