@@ -99,6 +99,8 @@ def round_saved(round_id: int, metrics: dict, warnings: list[str] = ()) -> str:
             f"your {n} new picks the way you did ({metrics['heldout_agreement']:.0%}) before "
             "training on them."
         )
+    for line in metrics.get("damaged", []):  # a damaged trajectory the round left out
+        text += f"\n\n**Left out:** {line[:1].upper()}{line[1:]}."
     for warning in warnings:
         text += f"\n\n**Warning:** {warning}"
     return text

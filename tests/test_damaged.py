@@ -13,6 +13,7 @@ from d3po_core.models import LORA_WEIGHT_NAME, has_lora
 from d3po_core.session import Session
 from d3po_core.session.check import check_session
 from d3po_core.workflow import generate, sync_active, train_round
+from studio import views
 
 from .conftest import FAST
 
@@ -70,6 +71,8 @@ def test_a_round_leaves_out_a_damaged_trajectory_and_trains_on_the_rest(pipe, tm
         said = [e.message for e in events if e.message]
         assert len(said) == 1 and f"grid {grids[1]}" in said[0] and "leaves it out" in said[0]
         assert metrics["damaged"] == said
+        shown = views.round_saved(round_id, metrics)  # the Train tab's result keeps it
+        assert f"**Left out:** The trajectory of grid {grids[1]}" in shown
         # every pick of that round is consumed: the damaged one cannot be trained later
         with pytest.raises(NoPicksError, match="no new picks"):
             train_round(pipe, session, ROUND)
