@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+from ._procs import spawn_worker
+
+#: a worker whose stderr the campaign reads when it fails
+_spawn = partial(spawn_worker, stderr=subprocess.PIPE)
 
 
 def _first_step(line: list[str]) -> bool:
@@ -64,21 +66,6 @@ KILL_POINTS = [
     KillPoint("label: a pick on a tuned model's grid", _phase("pick"), 3),
     KillPoint("train: committing a second round", _last_step, 2),
 ]
-
-
-def spawn(script: str, *args: object) -> subprocess.Popen:
-    import os
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.Popen(
-        [sys.executable, str(HERE / script), *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
 
 
 def run_until(proc: subprocess.Popen, point: KillPoint | None) -> list[list[str]]:
@@ -178,25 +165,25 @@ def tally(root: Path, point: str, lines: list[list[str]], went_on: bool, kills: 
 
 def run_point(root: Path, model: str | Path, point: KillPoint) -> Tally:
     """Kill a worker at ``point``, then have a second worker go on for a whole cycle."""
-    killed = run_until(spawn("_campaign_worker.py", root, model, "ana", 2), point)
-    after = run_until(spawn("_campaign_worker.py", root, model, "ben", 1), None)
+    killed = run_until(_spawn("_campaign_worker.py", root, model, "ana", 2), point)
+    after = run_until(_spawn("_campaign_worker.py", root, model, "ben", 1), None)
     return tally(root, point.name, killed + after, went_on=after[-1:] == [["finished"]])
 
 
 def run_two_labelers(root: Path, picks: int = 100, kill_one_at: int | None = None) -> Tally:
     """Two processes add ``picks`` picks each to one session at once (one SIGKILLed after
     ``kill_one_at`` confirmed picks, then started again to finish its share)."""
-    grids = run_until(spawn("_session_worker.py", root, "grids", 20), None)
+    grids = run_until(_spawn("_session_worker.py", root, "grids", 20), None)
     assert len([ln for ln in grids if ln[0] == "grid"]) == 20
     results: dict[str, list[list[str]]] = {}
 
     def labeler(name: str) -> None:
-        proc = spawn("_session_worker.py", root, "picks", picks, name)
+        proc = _spawn("_session_worker.py", root, "picks", picks, name)
         if kill_one_at is not None and name == "ana":
             point = KillPoint("", lambda ln: ln[0] == "pick", kill_one_at)
             lines = run_until(proc, point)
             done = sum(ln[0] == "pick" for ln in lines)
-            rest = spawn("_session_worker.py", root, "picks", picks - done, name)
+            rest = _spawn("_session_worker.py", root, "picks", picks - done, name)
             lines += run_until(rest, None)
         else:
             lines = run_until(proc, None)

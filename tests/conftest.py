@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,28 +13,9 @@ from d3po_core.rounds import run_round
 from d3po_core.sampling import SampleSettings
 from d3po_core.tiny_model import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
+from ._procs import REPO, free_port, repo_env, spawn_worker  # noqa: F401 (shared)
+
 torch.set_num_threads(2)
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def repo_env() -> dict[str, str]:
-    """The environment of a subprocess that imports this checkout's packages."""
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path}
-
-
-def spawn_worker(script: str, *args, stderr=subprocess.DEVNULL) -> subprocess.Popen:
-    """A worker script of tests/ in its own process, its stdout a text pipe."""
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / script), *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
-        env=repo_env(),
-        cwd=REPO,
-    )
-
 
 # Few steps and small grids keep the CPU suite quick; the math is the same at any size.
 FAST = SampleSettings(n=4, steps=4, guidance=5.0, eta=1.0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 
 from d3po_core.session import Session
 
-from .conftest import REPO, repo_env
+from .conftest import REPO, free_port, repo_env
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [
@@ -35,21 +34,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def studio(tmp_path):
-    port = _free_port()
+    port = free_port()
     session = tmp_path / "session"
     # the network is blocked in the studio's process: whatever it asks of it is logged
     network_log = tmp_path / "network.log"
-    env = repo_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests" / "_no_network"), env["PYTHONPATH"]])
-    env["D3PO_NETWORK_LOG"] = str(network_log)
+    env = repo_env(network_log=network_log)
     proc = subprocess.Popen(
         [
             sys.executable,

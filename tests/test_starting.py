@@ -4,7 +4,6 @@ model is in; an action started meanwhile waits for it; a failed load is one line
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
@@ -17,13 +16,7 @@ from studio import views
 from studio.app import build_app
 from studio.starting import Starting
 
-from .conftest import REPO, repo_env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import REPO, free_port, repo_env
 
 
 def _callback(app, name: str):
@@ -102,7 +95,7 @@ def test_the_studio_stops_with_one_line_when_its_session_cannot_open(tmp_path, c
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setattr(studio_main, "FIRST_PAGE_GRACE_S", 0.0)  # no browser comes
-    code = studio_main.main(["--session", str(blocker / "s"), "--port", str(_free_port())])
+    code = studio_main.main(["--session", str(blocker / "s"), "--port", str(free_port())])
     out, err = capsys.readouterr()
     assert code == 2 and "ready at" in out
     assert err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from studio.__main__ import parse_args
@@ -24,14 +22,6 @@ def test_non_loopback_host_without_auth_is_refused(capsys):
 def test_non_loopback_host_with_auth_is_allowed():
     args = parse_args(["--host", "0.0.0.0", "--auth", "ana:secret"])
     assert args.auth == "ana:secret"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_auth_needs_user_and_password(capsys):
@@ -98,13 +88,11 @@ def test_the_studio_asks_nothing_of_the_network(tmp_path):
     import sys
     import urllib.request
 
-    from .conftest import REPO, repo_env
+    from .conftest import REPO, free_port, repo_env
 
     log = tmp_path / "network.log"
-    env = repo_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests" / "_no_network"), env["PYTHONPATH"]])
-    env["D3PO_NETWORK_LOG"] = str(log)
-    port = _free_port()
+    env = repo_env(network_log=log)
+    port = free_port()
     cmd = [sys.executable, "-m", "studio", "--session", str(tmp_path / "s"), "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:

@@ -74,7 +74,7 @@ def _check_grid(session: Session, grid_id: int, picks: pd.DataFrame) -> Finding:
     if not problems:
         return Finding("grid", f"grid {grid_id}", True)
     n_picks = int((picks["grid_id"] == grid_id).sum()) if len(picks) else 0
-    lost = f"; its {n_picks} pick(s) cannot be trained on" if n_picks and problems else ""
+    lost = f"; its {n_picks} pick(s) cannot be trained on" if n_picks else ""
     return Finding("grid", f"grid {grid_id}", False, "; ".join(problems) + lost)
 
 
