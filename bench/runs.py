@@ -2,7 +2,10 @@
 
 A spec names an objective (a scorer), a method (d3po, ddpo or p3o), a seed, and overrides of the
 method's config and of the sampling settings. ``run_specs`` runs what is not cached yet
-(``--part i/k`` splits the work across processes); ``load_results`` reads them back.
+(``--part i/k`` splits the work across processes; ``--jobs N`` starts N worker processes that
+take the next spec nobody has claimed, so several commands, on a GPU and on CPU cores, can
+share one results folder); ``load_results`` reads them back. ``--device cuda`` runs on a GPU
+(in fp32, as on the CPU: the embedded model is small), where one process per job keeps it busy.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,6 +42,8 @@ PROMPTS = [
 EVAL = EvalSet(PROMPTS[:4], [10_000 + i for i in range(16)])
 CONTROL = "random"
 IMAGES_PER_ROUND = 32
+#: the device runs use (``--device`` sets it for the process and its workers)
+DEVICE_ENV = "D3PO_BENCH_DEVICE"
 
 
 def spec(
@@ -65,7 +72,11 @@ def spec(
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     threads = torch.get_num_threads()
-    return f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
+    text = f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
+    device = os.environ.get(DEVICE_ENV, "cpu")
+    if device.startswith("cuda") and torch.cuda.is_available():
+        text = f"{torch.cuda.get_device_name(torch.device(device))} ({text})"
+    return text
 
 
 @dataclass
@@ -81,7 +92,8 @@ class Run:
 
     @classmethod
     def of(cls, s: dict, model: str | None) -> Run:
-        pipe = load_pipeline(model or default_model(), device="cpu")
+        device = os.environ.get(DEVICE_ENV, "cpu")
+        pipe = load_pipeline(model or default_model(), device=device, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         guidance = pipe.recommended.get("guidance", SampleSettings().guidance)
         settings = replace(SampleSettings(guidance=guidance), **s["settings"])
@@ -162,6 +174,46 @@ def outcome(result: dict) -> str:
     )
 
 
+def claim(out: Path, spec_id: str) -> bool:
+    """Take a spec for this process: False if it is done or another live process has it.
+
+    A claim is a file holding the claimer's host and pid; a claim of a process that is gone
+    (killed, or a machine that restarted) is taken over.
+    """
+    if (out / f"{spec_id}.json").exists():
+        return False
+    path = out / f"{spec_id}.claim"
+    me = f"{platform.node()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _claimer_alive(path):
+                return False
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return not (out / f"{spec_id}.json").exists()
+    return False
+
+
+def _claimer_alive(path: Path) -> bool:
+    try:
+        host, pid = path.read_text().split()
+    except (OSError, ValueError):
+        return True  # being written just now
+    if host != platform.node():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_specs(
     specs: list[dict],
     out: Path,
@@ -170,19 +222,32 @@ def run_specs(
     *,
     runner: Runner | None = None,
     describe: Callable[[dict], str] = outcome,
+    claims: bool = False,
+    stop_at: float | None = None,
 ) -> None:
     """Run every spec of this part (``i/k``: every k-th spec from the i-th) not cached yet.
 
     ``runner(spec, out, model)`` runs one spec or reads its cache (default :func:`run_one`).
+    With ``claims`` a spec is run only by the process that claims it (:func:`claim`), so
+    workers share the specs in order; ``stop_at`` (a ``time.time()``) starts no spec after it.
     """
     runner = runner or run_one
     i, k = (int(x) for x in part.split("/"))
     out.mkdir(parents=True, exist_ok=True)
     mine = specs[i - 1 :: k]
     for n, s in enumerate(mine, 1):
+        if stop_at is not None and time.time() > stop_at:
+            print(f"stopping: the deadline passed with {len(mine) - n + 1} specs left", flush=True)
+            return
         cached = (out / f"{s['id']}.json").exists()
+        if claims and not cached and not claim(out, s["id"]):
+            continue
         t0 = time.perf_counter()
-        result = runner(s, out, model)
+        try:
+            result = runner(s, out, model)
+        finally:
+            if claims and not cached:
+                (out / f"{s['id']}.claim").unlink(missing_ok=True)
         print(
             f"[{n}/{len(mine)}] {s['id']}: {describe(result)}"
             + (" cached" if cached else f" {time.perf_counter() - t0:.0f}s"),
@@ -221,21 +286,69 @@ def main(
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / plot)
     p.add_argument("--part", default="1/1", help="i/k: run every k-th spec from the i-th")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes sharing the specs")
+    p.add_argument(
+        "--stop-after", type=float, default=None, help="seconds: start no spec after them"
+    )
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stop-at", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--only", default=None, help="comma-separated variants to run")
     p.add_argument("--labelers", default=None, help="comma-separated objectives/tastes to run")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
+    if args.device:
+        os.environ[DEVICE_ENV] = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
+    stop_at = args.stop_at
+    if stop_at is None and args.stop_after is not None:
+        stop_at = time.time() + args.stop_after
     all_specs = specs(args.seeds, args.rounds)
     if args.only:
         all_specs = [s for s in all_specs if s["variant"] in args.only.split(",")]
     if args.labelers:
         all_specs = [s for s in all_specs if s["objective"] in args.labelers.split(",")]
+    if args.worker:
+        run_specs(
+            all_specs,
+            args.out,
+            args.model,
+            runner=runner,
+            describe=describe,
+            claims=True,
+            stop_at=stop_at,
+        )
+        return
     if not args.report_only:
         print(f"machine: {machine()}")
-        run_specs(all_specs, args.out, args.model, args.part, runner=runner, describe=describe)
+        if args.jobs > 1:
+            _run_workers(args.jobs, stop_at)
+        else:
+            run_specs(
+                all_specs,
+                args.out,
+                args.model,
+                args.part,
+                runner=runner,
+                describe=describe,
+                claims=True,
+                stop_at=stop_at,
+            )
     results = load_results(all_specs, args.out)
     if results:
         report(results, args.plot)
         print(f"plot: {args.plot}")
+
+
+def _run_workers(jobs: int, stop_at: float | None) -> None:
+    """This command ``jobs`` times over as workers (each one torch thread unless told), sharing
+    the specs by claims; returns when all have ended."""
+    argv = [a for a in sys.argv[1:]]
+    extra = ["--worker"] + ([] if stop_at is None else ["--stop-at", str(stop_at)])
+    if "--threads" not in argv:
+        extra += ["--threads", "1"]
+    procs = [subprocess.Popen([sys.executable, sys.argv[0], *argv, *extra]) for _ in range(jobs)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        print(f"workers ended with codes {codes}", flush=True)

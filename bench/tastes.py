@@ -20,9 +20,9 @@ import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import runs
 from PIL import Image
 from runs import CONTROL, EVAL, random_labeler, spec
@@ -31,6 +31,9 @@ from d3po_core.models import base_model, default_model
 from d3po_core.sampling import SampleSettings, sample_grid
 from d3po_core.scorers import Scorer
 from d3po_core.simulate import EvalSet, paired_win_rate
+
+if TYPE_CHECKING:  # the runs need no pandas (a GPU machine may lack it); the report does
+    import pandas as pd
 
 # ---------------------------------------------------------------------------------------------
 # Tastes: numpy/PIL only, robust on 64x64 samples (blurry edges, off-colour backgrounds).
@@ -164,6 +167,8 @@ _BASE_CACHE: dict[tuple, dict[str, list[float]]] = {}
 
 _DDPO_ONE_PAIR = {"pairs": "best-worst", "noise_draws": 20}
 _CONV_LORA = {"targets": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]}
+_D3PO_CONV = {"replay": True, "lora": _CONV_LORA}
+_DDPO_CONV = {"pairs": "implied", "noise_draws": 4, "replay": True, "lora": _CONV_LORA}
 #: variant -> (method, config overrides): the candidates measured for the defaults
 VARIANTS: dict[str, tuple[str, dict]] = {
     "d3po": ("d3po", {"replay": False}),
@@ -185,11 +190,26 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "sft-replay": ("sft", {"replay": True}),
     "d3po-replay": ("d3po", {"replay": True}),
     # the adapter also on the resnets' convolutions, where the embedded model places shapes
-    "d3po-replay-conv": ("d3po", {"replay": True, "lora": _CONV_LORA}),
-    "diffusion-dpo-conv": (
-        "diffusion-dpo",
-        {"pairs": "implied", "noise_draws": 4, "replay": True, "lora": _CONV_LORA},
+    "d3po-replay-conv": ("d3po", _D3PO_CONV),
+    "diffusion-dpo-conv": ("diffusion-dpo", _DDPO_CONV),
+    # around the two conv leads: how far a round moves (learning rate, epochs, β, rank) and
+    # which pairs it trains on
+    "d3po-replay-conv-lr5e-4": ("d3po", {**_D3PO_CONV, "learning_rate": 5e-4}),
+    "diffusion-dpo-conv-e4": ("diffusion-dpo", {**_DDPO_CONV, "epochs": 4}),
+    "diffusion-dpo-conv-lr2e-3": ("diffusion-dpo", {**_DDPO_CONV, "learning_rate": 2e-3}),
+    "d3po-replay-conv-e1": ("d3po", {**_D3PO_CONV, "epochs": 1}),
+    "d3po-implied-conv": (
+        "d3po",
+        {**_D3PO_CONV, "pairs": "implied", "timestep_fraction": 0.25},
     ),
+    "d3po-replay-conv-r2": (
+        "d3po",
+        {**_D3PO_CONV, "lora": {**_CONV_LORA, "rank": 2, "alpha": 2.0}},
+    ),
+    "d3po-replay-conv-prev": ("d3po", {**_D3PO_CONV, "reference": "previous"}),
+    "diffusion-dpo-conv-b5000": ("diffusion-dpo", {**_DDPO_CONV, "beta": 5000.0}),
+    "diffusion-dpo-conv-b1000": ("diffusion-dpo", {**_DDPO_CONV, "beta": 1000.0}),
+    "d3po-replay-conv-b1": ("d3po", {**_D3PO_CONV, "beta": 1.0}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults
@@ -281,6 +301,8 @@ def describe(result: dict) -> str:
 
 def frame(results: list[dict]) -> pd.DataFrame:
     """One row per (run, round, taste measured)."""
+    import pandas as pd
+
     rows = []
     for r in results:
         for row in r["table"]:
@@ -305,6 +327,8 @@ def frame(results: list[dict]) -> pd.DataFrame:
 
 def _own(df: pd.DataFrame) -> pd.DataFrame:
     """Each taste measured on the runs that learn it ("taste") and on the control's ("random")."""
+    import pandas as pd
+
     own = df[df["labeler"] == df["taste"]].assign(picks="taste")
     control = df[df["labeler"] == CONTROL].assign(picks=CONTROL)
     return pd.concat([own, control])
@@ -360,7 +384,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def _sd(value: float, digits: int = 4) -> str:
-    return "–" if pd.isna(value) else f"{value:.{digits}f}"
+    return "–" if np.isnan(value) else f"{value:.{digits}f}"
 
 
 def cross_table(df: pd.DataFrame) -> str:
