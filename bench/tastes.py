@@ -210,6 +210,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "diffusion-dpo-conv-b5000": ("diffusion-dpo", {**_DDPO_CONV, "beta": 5000.0}),
     "diffusion-dpo-conv-b1000": ("diffusion-dpo", {**_DDPO_CONV, "beta": 1000.0}),
     "d3po-replay-conv-b1": ("d3po", {**_D3PO_CONV, "beta": 1.0}),
+    # DPO-Positive's penalty on both images: the margin may not come from unlearning images
+    "diffusion-dpo-conv-anchor1": (
+        "diffusion-dpo",
+        {**_DDPO_CONV, "learning_rate": 2e-3, "anchor": 1.0},
+    ),
+    "diffusion-dpo-conv-anchor0.2": (
+        "diffusion-dpo",
+        {**_DDPO_CONV, "learning_rate": 2e-3, "anchor": 0.2},
+    ),
+    "d3po-replay-conv-e1-anchor1": ("d3po", {**_D3PO_CONV, "epochs": 1, "anchor": 1.0}),
+    "d3po-replay-conv-e1-anchor0.2": ("d3po", {**_D3PO_CONV, "epochs": 1, "anchor": 0.2}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

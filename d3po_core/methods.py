@@ -34,7 +34,21 @@ class PickSettings(RoundSettings):
 
 
 @dataclass
-class D3POConfig(PickSettings):
+class PreferenceSettings(PickSettings):
+    """What the preference losses (D3PO's, Diffusion-DPO's) take besides the pick settings."""
+
+    anchor: float = setting(
+        0.0,
+        low=0,
+        high=1e4,
+        help="Weight of a penalty on either image of a pair getting less likely than under "
+        "the reference (β-scaled, as DPO-Positive does for the preferred one): the margin "
+        "must come from learning the preferred image, not from unlearning images; 0: off.",
+    )
+
+
+@dataclass
+class D3POConfig(PreferenceSettings):
     """Settings of one D3PO round; every default is chosen to be safe for a first round."""
 
     method: ClassVar[str] = "d3po"
@@ -67,7 +81,7 @@ class D3POConfig(PickSettings):
 
 
 @dataclass
-class DiffusionDPOConfig(PickSettings):
+class DiffusionDPOConfig(PreferenceSettings):
     """Settings of one Diffusion-DPO round."""
 
     method: ClassVar[str] = "diffusion-dpo"

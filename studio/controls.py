@@ -62,13 +62,13 @@ TRAIN_FORMS: dict[str, TrainForm] = {
     "d3po": TrainForm(
         D3POConfig,
         ("beta", "learning_rate", "epochs", "pairs", "reduction", "reference", "timestep_fraction"),
-        ("replay", "ratio_clip", *_LOOP_ADVANCED),
+        ("replay", "ratio_clip", "anchor", *_LOOP_ADVANCED),
         _LOOP_HIDDEN,
     ),
     "diffusion-dpo": TrainForm(
         DiffusionDPOConfig,
         ("beta", "learning_rate", "epochs", "pairs", "replay", "noise_draws"),
-        _LOOP_ADVANCED,
+        ("anchor", *_LOOP_ADVANCED),
         {
             **_LOOP_HIDDEN,
             "timestep_fraction": "the noise-level loss trains fresh noise levels of the final "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from d3po_core.methods import D3POConfig, DiffusionDPOConfig
+from d3po_core.models import remove_lora
 from d3po_core.objectives.implicit import image_rewards, pick_agreement
 from d3po_core.session import Session
 from d3po_core.session.reports import heldout_df, round_warnings
@@ -93,3 +94,26 @@ def test_implicit_reward_ranks_the_trained_picks(pipe, tmp_path):
         rewards = image_rewards(pipe, new)
         assert (rewards[:, 0] > rewards[:, 1]).all()
         assert pick_agreement(pipe, new) == {"agreement": 1.0, "picks": 4}
+
+
+def test_anchor_keeps_the_worst_images_from_being_unlearned(pipe, tmp_path):
+    """Diffusion-DPO buys part of its margin by denoising the worst images worse than the base
+    (a negative implicit reward); the anchor penalty stops most of that, and the round still
+    ranks every pick's best above its worst."""
+    rewards, metrics = {}, {}
+    for anchor in (0.0, 5.0):
+        remove_lora(pipe.unet)  # the same picks from the base model in each session
+        with Session.open(tmp_path / f"s{anchor}") as session:
+            for seed in range(0, 16, 4):
+                grid_id, _ = generate(pipe, session, "a circle", FAST, seed=seed)
+                session.add_pick(grid_id, best=0, worst=3)
+            _, new, _ = load_examples(session)
+            config = DiffusionDPOConfig(
+                epochs=4, batch_size=8, noise_draws=8, learning_rate=1e-2, anchor=anchor
+            )
+            _, metrics[anchor] = train_round(pipe, session, config)
+            rewards[anchor] = image_rewards(pipe, new)
+    assert (rewards[0.0][:, 1] < 0).all()  # the worst images unlearned
+    assert rewards[5.0][:, 1].mean() > rewards[0.0][:, 1].mean() / 4
+    assert (rewards[5.0][:, 0] > rewards[5.0][:, 1]).all()
+    assert metrics[5.0]["anchor"] > 0 and metrics[0.0]["anchor"] == 0

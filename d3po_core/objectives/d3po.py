@@ -4,7 +4,7 @@ For a pair (w, l) from one grid and a denoising step t:
 
     Δ_t = β · [ (log π_θ(x^w_{t−1}|x^w_t) − log π_ref(x^w_{t−1}|x^w_t))
               − (log π_θ(x^l_{t−1}|x^l_t) − log π_ref(x^l_{t−1}|x^l_t)) ]
-    L   = − log σ(Δ_t)
+    L   = − log σ(Δ_t) + λβ · [max(0, −log-ratio of w's step) + max(0, −log-ratio of l's step)]
 
 The loss and pair functions are pure tensor functions; :class:`D3POObjective` feeds them
 log-probs summed over latent dimensions from the round loop (``d3po_core.rounds``). The
@@ -173,8 +173,16 @@ class D3POObjective(Objective):
             reduction=self.config.reduction,
             ratio_clip=self.config.ratio_clip,
         )
+        # DPO-Positive's penalty on both sides (see DiffusionDPOObjective): a recorded step of
+        # either trajectory may not become less likely than under the reference
+        anchor = (
+            self.config.anchor
+            * self.config.beta
+            * (F.relu(-terms.log_ratio_w) + F.relu(-terms.log_ratio_l))
+        )
         return {
-            "loss": terms.loss,
+            "loss": terms.loss + anchor,
+            "anchor": anchor,
             "accuracy": (terms.delta > 0).float(),
             "mean_delta": terms.delta,
             "kl": 0.25 * (terms.log_ratio_w**2 + terms.log_ratio_l**2),

@@ -7,12 +7,14 @@ grid's final latents, a timestep t ~ U[0, T) and one noise ε shared by both:
 
     e_θ(x) = ‖target(x, ε, t) − f_θ(√ᾱ_t x + √(1−ᾱ_t) ε, t, prompt)‖² / dims
     Δ      = −β/2 · [(e_θ(w) − e_ref(w)) − (e_θ(l) − e_ref(l))]
-    L      = −log σ(Δ)
+    L      = −log σ(Δ) + λ·β/2 · [max(0, e_θ(w) − e_ref(w)) + max(0, e_θ(l) − e_ref(l))]
 
-with target ε (or the velocity, for v-prediction models) and the reference the base UNet (the
-adapter disabled), evaluated once before any update. Fresh noise levels spread a pick's credit
-over the whole image instead of over the 20 noise draws that happened to produce it. The UNet
-is called without guidance (the conditional branch), as in the paper.
+with target ε (or the velocity, for v-prediction models), the reference the base UNet (the
+adapter disabled), evaluated once before any update, and λ the ``anchor`` weight (0 by
+default: DPO-Positive's penalty, Pal et al. 2024, here on both images of the pair). Fresh noise
+levels spread a pick's credit over the whole image instead of over the 20 noise draws that
+happened to produce it. The UNet is called without guidance (the conditional branch), as in
+the paper.
 """
 
 from __future__ import annotations
@@ -77,8 +79,12 @@ class DiffusionDPOObjective(Objective):
         gain_l = err_l - batch.cache["ref_l"]
         half = 0.5 * self.config.beta
         delta = -half * (gain_w - gain_l)
+        # DPO-Positive's idea on both sides: getting worse than the reference at either image
+        # costs, so random or noisy picks cannot buy a margin by damaging what the model draws
+        anchor = self.config.anchor * half * (F.relu(gain_w) + F.relu(gain_l))
         return {
-            "loss": -F.logsigmoid(delta),
+            "loss": -F.logsigmoid(delta) + anchor,
+            "anchor": anchor,
             "accuracy": (delta > 0).float(),
             "mean_delta": delta,
             # as D3PO's: the mean square of each side's β-scaled log-ratio estimate
