@@ -1,6 +1,7 @@
 """Tastes: does a round learn a person's taste? Scripted tastes and a random-picks control.
 
     python bench/tastes.py [--seeds 3] [--rounds 3] [--part 1/2 --threads 1] [--report-only]
+    python bench/tastes.py --device cuda --jobs 14    # a GPU: 14 processes share the runs
 
 Each taste is a plain scorer ``(image, prompt) -> float`` (higher = preferred) on the embedded
 model's 64x64 images: warmth of the shape's colour, contrast of shape and background,
@@ -220,7 +221,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         {**_DDPO_CONV, "learning_rate": 2e-3, "anchor": 0.2},
     ),
     "d3po-replay-conv-e1-anchor1": ("d3po", {**_D3PO_CONV, "epochs": 1, "anchor": 1.0}),
-    "d3po-replay-conv-e1-anchor0.2": ("d3po", {**_D3PO_CONV, "epochs": 1, "anchor": 0.2}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults
