@@ -221,6 +221,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         {**_DDPO_CONV, "learning_rate": 2e-3, "anchor": 0.2},
     ),
     "d3po-replay-conv-e1-anchor1": ("d3po", {**_D3PO_CONV, "epochs": 1, "anchor": 1.0}),
+    # the pair as a whole may not get worse: the worst image may lose what the best one gains
+    "diffusion-dpo-conv-pair-anchor1": (
+        "diffusion-dpo",
+        {**_DDPO_CONV, "learning_rate": 2e-3, "anchor": 1.0, "anchor_scope": "pair"},
+    ),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

@@ -45,6 +45,11 @@ class PreferenceSettings(PickSettings):
         "the reference (β-scaled, as DPO-Positive does for the preferred one): the margin "
         "must come from learning the preferred image, not from unlearning images; 0: off.",
     )
+    anchor_scope: Literal["each", "pair"] = setting(
+        "each",
+        help="each: neither image may get less likely; pair: only the pair as a whole (what "
+        "the dispreferred image loses, the preferred one must gain).",
+    )
 
 
 @dataclass

@@ -35,6 +35,8 @@ _LOOP_ADVANCED = (
     "lora.alpha",
 )
 _LOOP_HIDDEN = {
+    "anchor_scope": "a benchmark option: anchoring the pair as a whole learned as little as "
+    "anchoring each image (docs/benchmarks.md §5)",
     "seed": "fixes the order of a round's items for reproducible benchmarks (the CLI's "
     "--train-seed); picking it by hand changes nothing a labeler can judge",
     "lora.targets": "UNet module names: a wrong one fails the round, and only the first round "

@@ -12,6 +12,7 @@ from d3po_core.methods import D3POConfig
 from d3po_core.models import base_model, remove_lora
 from d3po_core.objectives.d3po import (
     Example,
+    anchor_penalty,
     d3po_loss,
     log_ratio,
     pairs_from_pick,
@@ -94,3 +95,14 @@ def test_one_step_raises_winner_log_ratio_over_loser(pipe):
     d3po_round(pipe, [Example(grid.trajectory, best=0, worst=2)], config)
     win, lose = _pair_log_ratios(pipe, grid.trajectory, 0, 2)
     assert win - lose > 0
+
+
+def test_anchor_penalty_each_image_or_the_pair_as_a_whole():
+    """ "each" charges any image that got less likely; "pair" lets the dispreferred image lose
+    what the preferred one gained, and charges only the pair's net loss."""
+    loss_w = torch.tensor([-0.5, 0.2, -0.1])  # the preferred image: more, less, more likely
+    loss_l = torch.tensor([0.3, 0.1, 0.4])  # the dispreferred image: less likely each time
+    each = anchor_penalty(loss_w, loss_l, D3POConfig(anchor=1.0))
+    pair = anchor_penalty(loss_w, loss_l, D3POConfig(anchor=1.0, anchor_scope="pair"))
+    assert torch.allclose(each, torch.tensor([0.3, 0.3, 0.4]))
+    assert torch.allclose(pair, torch.tensor([0.0, 0.3, 0.3]))

@@ -111,6 +111,15 @@ def pairs_from_pick(
     return pairs
 
 
+def anchor_penalty(loss_w: torch.Tensor, loss_l: torch.Tensor, config) -> torch.Tensor:
+    """The anchor's penalty on how much less likely than under the reference each image of a
+    pair became (``loss_w``, ``loss_l``: positive is worse): each side's loss ("each"), or the
+    pair's net loss ("pair"), where the dispreferred image may lose what the preferred gains."""
+    if config.anchor_scope == "pair":
+        return F.relu(loss_w + loss_l)
+    return F.relu(loss_w) + F.relu(loss_l)
+
+
 @dataclass
 class Example:
     """One confirmed pick: a grid's trajectory and the indices of its best and worst image."""
@@ -175,11 +184,8 @@ class D3POObjective(Objective):
         )
         # DPO-Positive's penalty on both sides (see DiffusionDPOObjective): a recorded step of
         # either trajectory may not become less likely than under the reference
-        anchor = (
-            self.config.anchor
-            * self.config.beta
-            * (F.relu(-terms.log_ratio_w) + F.relu(-terms.log_ratio_l))
-        )
+        loss_w, loss_l = -terms.log_ratio_w, -terms.log_ratio_l
+        anchor = self.config.anchor * self.config.beta * anchor_penalty(loss_w, loss_l, self.config)
         return {
             "loss": terms.loss + anchor,
             "anchor": anchor,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..models import set_lora_enabled
 from ..rounds import Batch, Objective
-from .d3po import pick_pairs
+from .d3po import anchor_penalty, pick_pairs
 from .implicit import denoising_error
 
 
@@ -81,7 +81,7 @@ class DiffusionDPOObjective(Objective):
         delta = -half * (gain_w - gain_l)
         # DPO-Positive's idea on both sides: getting worse than the reference at either image
         # costs, so random or noisy picks cannot buy a margin by damaging what the model draws
-        anchor = self.config.anchor * half * (F.relu(gain_w) + F.relu(gain_l))
+        anchor = self.config.anchor * half * anchor_penalty(gain_w, gain_l, self.config)
         return {
             "loss": -F.logsigmoid(delta) + anchor,
             "anchor": anchor,
