@@ -98,7 +98,7 @@ def test_one_step_raises_winner_log_ratio_over_loser(pipe):
 
 
 def test_anchor_penalty_each_image_or_the_pair_as_a_whole():
-    """ "each" charges any image that got less likely; "pair" lets the dispreferred image lose
+    """With "each" any image that got less likely costs; "pair" lets the dispreferred image lose
     what the preferred one gained, and charges only the pair's net loss."""
     loss_w = torch.tensor([-0.5, 0.2, -0.1])  # the preferred image: more, less, more likely
     loss_l = torch.tensor([0.3, 0.1, 0.4])  # the dispreferred image: less likely each time
