@@ -188,8 +188,13 @@ def test_label_train_compare_in_a_real_browser(studio):
         page.get_by_text("Session folder", exact=True).click()
         folder = page.locator("#session-folder textarea")
         second = str(session_dir.parent / "second")
-        expect(folder).to_be_visible()
-        folder.fill(second)
+        # typed as a person does, once the box shows the open session's folder (it has
+        # mounted), and left with Tab: every keystroke and the change reach the page's state
+        expect(folder).to_have_value(re.compile(r"session$"))
+        folder.click()
+        folder.press("Control+a")
+        folder.press_sequentially(second)
+        folder.press("Tab")
         expect(folder).to_have_value(second)
         page.click("#open-session")
         expect(page.locator("#status")).to_contain_text(f"Opened {second}", timeout=60_000)
