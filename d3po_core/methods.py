@@ -42,8 +42,9 @@ class PreferenceSettings(PickSettings):
         low=0,
         high=1e4,
         help="Weight of a penalty on either image of a pair getting less likely than under "
-        "the reference (β-scaled, as DPO-Positive does for the preferred one): the margin "
-        "must come from learning the preferred image, not from unlearning images; 0: off.",
+        "the reference (DPO-Positive's, on both images): it keeps random or noisy picks from "
+        "moving the model, and from a few dozen picks it stops most learning too (see "
+        "docs/benchmarks.md §5); 0: off.",
     )
     anchor_scope: Literal["each", "pair"] = setting(
         "each",
