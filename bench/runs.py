@@ -210,7 +210,7 @@ def _claimer_alive(path: Path) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # alive, another user's
     return True
 
 
@@ -222,14 +222,13 @@ def run_specs(
     *,
     runner: Runner | None = None,
     describe: Callable[[dict], str] = outcome,
-    claims: bool = False,
     stop_at: float | None = None,
 ) -> None:
     """Run every spec of this part (``i/k``: every k-th spec from the i-th) not cached yet.
 
     ``runner(spec, out, model)`` runs one spec or reads its cache (default :func:`run_one`).
-    With ``claims`` a spec is run only by the process that claims it (:func:`claim`), so
-    workers share the specs in order; ``stop_at`` (a ``time.time()``) starts no spec after it.
+    A spec is run only by the process that claims it (:func:`claim`), so processes on one
+    folder share the specs in order; ``stop_at`` (a ``time.time()``) starts no spec after it.
     """
     runner = runner or run_one
     i, k = (int(x) for x in part.split("/"))
@@ -240,13 +239,13 @@ def run_specs(
             print(f"stopping: the deadline passed with {len(mine) - n + 1} specs left", flush=True)
             return
         cached = (out / f"{s['id']}.json").exists()
-        if claims and not cached and not claim(out, s["id"]):
+        if not cached and not claim(out, s["id"]):
             continue
         t0 = time.perf_counter()
         try:
             result = runner(s, out, model)
         finally:
-            if claims and not cached:
+            if not cached:
                 (out / f"{s['id']}.claim").unlink(missing_ok=True)
         print(
             f"[{n}/{len(mine)}] {s['id']}: {describe(result)}"
@@ -309,19 +308,9 @@ def main(
         all_specs = [s for s in all_specs if s["variant"] in args.only.split(",")]
     if args.labelers:
         all_specs = [s for s in all_specs if s["objective"] in args.labelers.split(",")]
-    if args.worker:
-        run_specs(
-            all_specs,
-            args.out,
-            args.model,
-            runner=runner,
-            describe=describe,
-            claims=True,
-            stop_at=stop_at,
-        )
-        return
     if not args.report_only:
-        print(f"machine: {machine()}")
+        if not args.worker:
+            print(f"machine: {machine()}")
         if args.jobs > 1:
             _run_workers(args.jobs, stop_at)
         else:
@@ -332,9 +321,10 @@ def main(
                 args.part,
                 runner=runner,
                 describe=describe,
-                claims=True,
                 stop_at=stop_at,
             )
+    if args.worker:
+        return  # the command that started the workers reports
     results = load_results(all_specs, args.out)
     if results:
         report(results, args.plot)
@@ -342,10 +332,10 @@ def main(
 
 
 def _run_workers(jobs: int, stop_at: float | None) -> None:
-    """This command ``jobs`` times over as workers (each one torch thread unless told), sharing
-    the specs by claims; returns when all have ended."""
-    argv = [a for a in sys.argv[1:]]
-    extra = ["--worker"] + ([] if stop_at is None else ["--stop-at", str(stop_at)])
+    """This command ``jobs`` times over as workers (each one process, one torch thread unless
+    told), sharing the specs by claims; returns when all have ended."""
+    argv = sys.argv[1:]
+    extra = ["--worker", "--jobs", "1"] + ([] if stop_at is None else ["--stop-at", str(stop_at)])
     if "--threads" not in argv:
         extra += ["--threads", "1"]
     procs = [subprocess.Popen([sys.executable, sys.argv[0], *argv, *extra]) for _ in range(jobs)]
