@@ -226,6 +226,23 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "diffusion-dpo",
         {**_DDPO_CONV, "learning_rate": 2e-3, "anchor": 1.0, "anchor_scope": "pair"},
     ),
+    # the noise levels drawn toward the noisy end, where colour, kind and place are decided
+    "diffusion-dpo-tb2": (
+        "diffusion-dpo",
+        {"pairs": "implied", "noise_draws": 4, "replay": True, "timestep_bias": 2.0},
+    ),
+    "diffusion-dpo-conv-lr2e-3-tb2": (
+        "diffusion-dpo",
+        {**_DDPO_CONV, "learning_rate": 2e-3, "timestep_bias": 2.0},
+    ),
+    # less room to fit the picks' accidents: D3PO's adapter at rank 1; Diffusion-DPO's steps
+    # on 4× the items (the round's gradient averaged over more pairs) at 4× the step size
+    "d3po-replay-r1": ("d3po", {"replay": True, "lora": {"rank": 1, "alpha": 1.0}}),
+    "diffusion-dpo-b32": (
+        "diffusion-dpo",
+        {"pairs": "implied", "noise_draws": 4, "replay": True}
+        | {"batch_size": 32, "learning_rate": 4e-3},
+    ),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

@@ -70,7 +70,7 @@ TRAIN_FORMS: dict[str, TrainForm] = {
     "diffusion-dpo": TrainForm(
         DiffusionDPOConfig,
         ("beta", "learning_rate", "epochs", "pairs", "replay", "noise_draws"),
-        ("anchor", *_LOOP_ADVANCED),
+        ("anchor", "timestep_bias", *_LOOP_ADVANCED),
         {
             **_LOOP_HIDDEN,
             "timestep_fraction": "the noise-level loss trains fresh noise levels of the final "

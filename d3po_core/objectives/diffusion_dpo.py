@@ -28,6 +28,15 @@ from .d3po import anchor_penalty, pick_pairs
 from .implicit import denoising_error
 
 
+def noise_level(gen: torch.Generator, num_train: int, bias: float) -> torch.Tensor:
+    """A training timestep, 0-d: uniform over the schedule when ``bias`` is 0, else with
+    t/T of density (1 + bias)·s^bias, toward the noisy end."""
+    if bias == 0:
+        return torch.randint(0, num_train, (), generator=gen)
+    u = torch.rand((), generator=gen, dtype=torch.float64)
+    return (num_train * u ** (1.0 / (1.0 + bias))).long().clamp(max=num_train - 1)
+
+
 class DiffusionDPOObjective(Objective):
     """(example, winner, loser, draw) items of the picks, scored by the noise-level loss."""
 
@@ -35,6 +44,11 @@ class DiffusionDPOObjective(Objective):
     guided = False  # the conditional branch only, as in the paper
 
     empty_message = "no picks to train on: label some grids (best and worst) first"
+
+    @property
+    def _bias(self) -> float:
+        """The noise levels' lean toward the noisy end (``timestep_bias``)."""
+        return self.config.timestep_bias
 
     def items(self) -> list[tuple[int, int, int, int]]:
         return [
@@ -60,7 +74,7 @@ class DiffusionDPOObjective(Objective):
                 gen = torch.Generator().manual_seed(hash(key) % 2**62)
                 latents.append(final[item[side]])
                 noise.append(torch.randn(final.shape[1:], generator=gen))
-                ts.append(torch.randint(0, num_train, (), generator=gen))
+                ts.append(noise_level(gen, num_train, self._bias))
                 cond.append(traj.cond[0])
         return denoising_error(pipe, latents, noise, ts, cond).chunk(len(sides))
 
@@ -102,6 +116,7 @@ class SFTObjective(DiffusionDPOObjective):
     toward what the labeler chose, with no reference. Items are (example, best, best, draw)."""
 
     sides = 1
+    _bias = 0.0  # uniform noise levels: the plain diffusion loss
 
     def items(self) -> list[tuple[int, int, int, int]]:
         winners = sorted({(e, win) for e, win, _lose in pick_pairs(self.examples, "best-worst")})

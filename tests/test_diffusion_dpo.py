@@ -1,0 +1,56 @@
+"""Diffusion-DPO's noise levels: uniform by default, toward the noisy end with timestep_bias."""
+
+from __future__ import annotations
+
+import torch
+
+from d3po_core.methods import DiffusionDPOConfig
+from d3po_core.objectives import diffusion_dpo
+from d3po_core.objectives.d3po import Example
+from d3po_core.objectives.diffusion_dpo import DiffusionDPOObjective, noise_level
+from d3po_core.rounds import run_round
+from d3po_core.sampling import sample_grid
+
+from .conftest import FAST
+
+
+def test_noise_levels_lean_toward_the_noisy_end():
+    draws = {}
+    for bias in (0.0, 2.0):
+        gen = torch.Generator().manual_seed(0)
+        draws[bias] = torch.stack([noise_level(gen, 1000, bias) for _ in range(4000)]).double()
+    gen = torch.Generator().manual_seed(0)
+    plain = torch.stack([torch.randint(0, 1000, (), generator=gen) for _ in range(4000)])
+    assert torch.equal(draws[0.0].long(), plain)  # bias 0: the paper's uniform draw, unchanged
+    assert draws[2.0].min() >= 0 and draws[2.0].max() <= 999
+    # t/T has density 3s²: mean 3/4, and 7/8 of the draws in the noisier half
+    assert abs(draws[2.0].mean() / 1000 - 0.75) < 0.02
+    assert abs((draws[2.0] >= 500).double().mean() - 0.875) < 0.02
+    assert abs((draws[0.0] >= 500).double().mean() - 0.5) < 0.03
+
+
+def _round_timesteps(pipe, examples, monkeypatch, **config) -> torch.Tensor:
+    """The timesteps a one-epoch round's UNet calls noised its images to."""
+    seen = []
+    original = diffusion_dpo.denoising_error
+
+    def recording(pipe, latents, noise, timesteps, cond):
+        seen.append(torch.stack(timesteps))
+        return original(pipe, latents, noise, timesteps, cond)
+
+    monkeypatch.setattr(diffusion_dpo, "denoising_error", recording)
+    objective = DiffusionDPOObjective(examples, DiffusionDPOConfig(epochs=1, **config))
+    run_round(pipe, objective)
+    return torch.cat(seen).double()
+
+
+def test_a_round_trains_noisier_levels_with_the_bias(pipe, monkeypatch):
+    grids = [sample_grid(pipe, "a red circle", FAST, seed=10 * i) for i in range(4)]
+    examples = [Example(g.trajectory, best=0, worst=3) for g in grids]
+    uniform = _round_timesteps(pipe, examples, monkeypatch, noise_draws=16)
+    biased = _round_timesteps(pipe, examples, monkeypatch, noise_draws=16, timestep_bias=2.0)
+    # 4 picks × 5 implied pairs × 16 draws, each pair's two images at one level, reference
+    # (once) and policy: the same number of levels, drawn higher
+    assert uniform.numel() == biased.numel() == 4 * 5 * 16 * 2 * 2
+    assert biased.mean() > uniform.mean() + 150
+    assert (biased >= 500).double().mean() > 0.8
