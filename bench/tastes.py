@@ -238,6 +238,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # less room to fit the picks' accidents: D3PO's adapter at rank 1; Diffusion-DPO's steps
     # on 4× the items (the round's gradient averaged over more pairs) at 4× the step size
     "d3po-replay-r1": ("d3po", {"replay": True, "lora": {"rank": 1, "alpha": 1.0}}),
+    # the same UNet calls as the defaults, each (t, ε) seen once: twice the draws, one epoch
+    "diffusion-dpo-d8e1": (
+        "diffusion-dpo",
+        {"pairs": "implied", "noise_draws": 8, "replay": True, "epochs": 1},
+    ),
+    # KTO's per-image signal on the same picks (Diffusion-KTO): best desirable, worst not
+    "kto-replay": ("kto", {"replay": True}),
     "diffusion-dpo-b32": (
         "diffusion-dpo",
         {"pairs": "implied", "noise_draws": 4, "replay": True}
@@ -533,9 +540,44 @@ def compare(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def seed_noise(df: pd.DataFrame, seeds: int = 3) -> str:
+    """How far a mean over ``seeds`` seeds moves by chance: the sd over seeds of a run's
+    last-round win rate (its own picks; random picks) and of its change from one round to the
+    next, pooled over every variant and taste with 3 seeds or more."""
+    part = _own(df)
+    part = part[part["images"] > 0]
+    last = part[part["round"] == part["round"].max()]
+
+    def pooled(values: pd.DataFrame, column: str) -> float:
+        groups = values.groupby(["variant", "taste"])[column]
+        var = groups.var()[groups.count() >= 3]
+        return float(np.sqrt(var.mean()))
+
+    steps = part[part["picks"] == "taste"].sort_values("round")
+    steps = steps.assign(
+        change=steps.groupby(["variant", "taste", "seed"])["win_rate"].diff()
+    ).dropna(subset=["change"])
+    steps = steps.assign(variant=steps["variant"] + "@" + steps["round"].astype(str))
+    own = pooled(last[last["picks"] == "taste"], "win_rate")
+    control = pooled(last[last["picks"] == CONTROL], "win_rate")
+    change = pooled(steps, "change")
+    if np.isnan([own, control, change]).any():
+        return "(too few seeds to measure how far a mean moves by chance)"
+    root = np.sqrt(seeds)
+    return (
+        f"sd over seeds of a run's last-round win rate: {own:.3f} on its own picks, "
+        f"{control:.3f} on random picks; of its change from one round to the next: "
+        f"{change:.3f}. A {seeds}-seed mean: ±{own / root:.3f}, control ±{control / root:.3f}, "
+        f"a change of the mean ±{change / root:.3f}; a change measured to ±0.015 (a 0.03 fall "
+        f"told from none at 2 sd) takes {int(np.ceil((change / 0.015) ** 2))} seeds."
+    )
+
+
 def report(results: list[dict], plot_path: Path) -> None:
     df = frame(results)
     print(compare(df))
+    print()
+    print(seed_noise(df))
     print()
     default = df[df["variant"] == DEFAULT_VARIANT]
     if default.empty:

@@ -134,6 +134,30 @@ class SFTConfig(PickSettings):
 
 
 @dataclass
+class DiffusionKTOConfig(PickSettings):
+    """Settings of one Diffusion-KTO round: each pick's best image desirable and its worst
+    undesirable, each on its own (the pairing unused)."""
+
+    method: ClassVar[str] = "kto"
+
+    beta: float = setting(
+        2500.0,
+        low=0,
+        low_open=True,
+        high=1e6,
+        help="Scale of an image's implicit reward on the per-dimension denoising errors "
+        "(Diffusion-DPO's 2500).",
+    )
+    noise_draws: int = setting(
+        20,
+        low=1,
+        high=1000,
+        help="Noise levels (t, ε) drawn for each labeled image in a round (20: the UNet calls "
+        "of Diffusion-DPO's defaults, 40 a pick).",
+    )
+
+
+@dataclass
 class RewardSettings(RoundSettings):
     """Settings of a round on rewards (DDPO's, the official code's choices where they apply;
     P3O takes the same, with ε on the pair's ratio)."""
@@ -198,6 +222,12 @@ METHODS: dict[str, Method] = {
             "Diffusion-DPO (noise-level loss) on best/worst picks",
         ),
         Method("sft", SFTConfig, "picks", "supervised fine-tuning on the chosen images"),
+        Method(
+            "kto",
+            DiffusionKTOConfig,
+            "picks",
+            "Diffusion-KTO: each pick's best made likelier, its worst less, one image at a time",
+        ),
         Method("ddpo", DDPOConfig, "rewards", "DDPO (PPO-clip) on rewards"),
         Method("p3o", P3OConfig, "rewards", "P3O (pairwise PPO) on rewards"),
     )

@@ -98,7 +98,7 @@ def test_generate_label_train_export(tiny_eps, tmp_path, capsys):
         assert s.picks_df()["labeler"].tolist() == ["scorer", "scorer"]
 
 
-@pytest.mark.parametrize("method", ["diffusion-dpo", "sft"])
+@pytest.mark.parametrize("method", ["diffusion-dpo", "sft", "kto"])
 def test_train_takes_another_method_on_picks(tiny_eps, tmp_path, method, capsys):
     base = ["--session", str(tmp_path / "s")]
     model = ["--model", str(tiny_eps)]

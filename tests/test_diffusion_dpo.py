@@ -1,15 +1,19 @@
-"""Diffusion-DPO's noise levels: uniform by default, toward the noisy end with timestep_bias."""
+"""Diffusion-DPO's noise levels (uniform by default, toward the noisy end with timestep_bias),
+and Diffusion-KTO's per-image objective on the same picks."""
 
 from __future__ import annotations
 
 import torch
 
-from d3po_core.methods import DiffusionDPOConfig
+from d3po_core.methods import DiffusionDPOConfig, DiffusionKTOConfig
 from d3po_core.objectives import diffusion_dpo
 from d3po_core.objectives.d3po import Example
-from d3po_core.objectives.diffusion_dpo import DiffusionDPOObjective, noise_level
+from d3po_core.objectives.diffusion_dpo import DiffusionDPOObjective, KTOObjective, noise_level
+from d3po_core.objectives.implicit import image_rewards
 from d3po_core.rounds import run_round
 from d3po_core.sampling import sample_grid
+from d3po_core.session import Session
+from d3po_core.workflow import generate, load_examples, train_round
 
 from .conftest import FAST
 
@@ -54,3 +58,22 @@ def test_a_round_trains_noisier_levels_with_the_bias(pipe, monkeypatch):
     assert uniform.numel() == biased.numel() == 4 * 5 * 16 * 2 * 2
     assert biased.mean() > uniform.mean() + 150
     assert (biased >= 500).double().mean() > 0.8
+
+
+def test_kto_ranks_the_best_images_above_the_worst(pipe, tmp_path):
+    """Diffusion-KTO judges each image on its own, against the batch's mean reward: after a
+    round its training draws are mostly on the right side of that reference point, and at
+    fresh noise levels the picks' best images gain more than their worst."""
+    with Session.open(tmp_path / "s") as session:
+        for seed in range(0, 16, 4):
+            grid_id, _ = generate(pipe, session, "a circle", FAST, seed=seed)
+            session.add_pick(grid_id, best=0, worst=3)
+        _, new, _ = load_examples(session)
+        config = DiffusionKTOConfig(epochs=4, batch_size=8, noise_draws=16, learning_rate=3e-3)
+        items = KTOObjective(new, config).items()
+        assert len(items) == 4 * 2 * 16  # best and worst, 16 noise levels each
+        assert sorted(item[4] for item in items if item[3] == 0) == [-1] * 4 + [1] * 4
+        _, metrics = train_round(pipe, session, config)
+        rewards = image_rewards(pipe, new)
+    assert metrics["accuracy"] > 0.75 and metrics["reference_point"] > 0
+    assert rewards[:, 0].mean() > rewards[:, 1].mean()

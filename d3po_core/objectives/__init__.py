@@ -14,6 +14,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "d3po": d3po.D3POObjective,
     "diffusion-dpo": diffusion_dpo.DiffusionDPOObjective,
     "sft": diffusion_dpo.SFTObjective,
+    "kto": diffusion_dpo.KTOObjective,
     "ddpo": ddpo.DDPOObjective,
     "p3o": p3o.P3OObjective,
 }

@@ -128,3 +128,53 @@ class SFTObjective(DiffusionDPOObjective):
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
         (err,) = self._errors(pipe, batch, sides=(1,))
         return {"loss": err, "accuracy": torch.zeros_like(err), "error_w": err}
+
+
+class KTOObjective(DiffusionDPOObjective):
+    """Diffusion-KTO (Li et al., 2024) on the same picks: a per-image signal instead of a
+    pair's. Each pick's best image is desirable and its worst undesirable; an image's implicit
+    reward is r = −β/2·(e_θ − e_ref) at one noise level, and with z the batch's mean reward
+    (detached, at least 0: KTO's estimate of the policy's KL from the reference)
+
+        L = 1 − σ(r − z)  (desirable),   1 − σ(z − r)  (undesirable)
+
+    so each image is judged against how far the model moved overall, not against its pair.
+    Items are (example, image, image, draw, +1 desirable / −1 undesirable)."""
+
+    sides = 1
+    _bias = 0.0  # uniform noise levels, as the paper
+
+    def items(self) -> list[tuple[int, int, int, int, int]]:
+        labeled = sorted(
+            {(e, win, 1) for e, win, _ in pick_pairs(self.examples, "best-worst")}
+            | {(e, lose, -1) for e, _, lose in pick_pairs(self.examples, "best-worst")}
+        )
+        return [
+            (e, image, image, d, sign)
+            for e, image, sign in labeled
+            for d in range(self.config.noise_draws)
+        ]
+
+    def prepare(self, pipe, batches: list[Batch]) -> None:
+        """The reference's errors, once, before any update."""
+        set_lora_enabled(pipe.unet, False)
+        try:
+            for batch in batches:
+                (batch.cache["ref"],) = self._errors(pipe, batch, sides=(1,))
+        finally:
+            set_lora_enabled(pipe.unet, True)
+
+    def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
+        (err,) = self._errors(pipe, batch, sides=(1,))
+        half = 0.5 * self.config.beta
+        reward = -half * (err - batch.cache["ref"])
+        z = reward.mean().detach().clamp(min=0)
+        sign = torch.tensor([item[4] for item in batch.items], dtype=reward.dtype)
+        margin = sign.to(reward.device) * (reward - z)
+        return {
+            "loss": 1 - torch.sigmoid(margin),
+            "accuracy": (margin > 0).float(),
+            "mean_delta": margin,
+            "kl": 0.5 * reward**2,
+            "reference_point": z.expand_as(reward),
+        }
