@@ -51,7 +51,7 @@ class TrainArgs(Settings):
     """Train"""
 
     method: str = setting(
-        DEFAULT_METHOD, help="How to train on the picks: d3po, diffusion-dpo or sft."
+        DEFAULT_METHOD, help="How to train on the picks: d3po, diffusion-dpo, sft or kto."
     )
 
 
@@ -66,7 +66,7 @@ class SimulateArgs(Settings):
     prompts: str = setting(help="A prompts file (one a line) or one prompt.")
     method: str = setting(
         DEFAULT_METHOD,
-        help="How to train: d3po, diffusion-dpo or sft on the scorer's picks, or ddpo / p3o "
+        help="How to train: d3po, diffusion-dpo, sft or kto on the scorer's picks, or ddpo / p3o "
         "with the scorer as reward.",
     )
     rounds: int = setting(3, low=1, high=1000, help="Rounds to run.")

@@ -68,6 +68,20 @@ def side_by_side(best: Image.Image, worst: Image.Image, size: int = 192) -> Imag
     return pair
 
 
+def _pick_images(root: Path, *paths: str) -> tuple[Image.Image, Image.Image, list[str]]:
+    """A pick's best and worst image (a grey square for one that cannot be read: the pick
+    itself is in the database, whole) and the paths that could not be read."""
+    images, damaged = [], []
+    for path in paths:
+        try:
+            with Image.open(root / path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError):  # missing, truncated or not an image
+            images.append(Image.new("RGB", (64, 64), "lightgray"))
+            damaged.append(path)
+    return images[0], images[1], damaged
+
+
 def _oom_message() -> str:
     return "out of GPU memory: use a smaller grid or fewer steps (a round lowers its own use)"
 
@@ -381,8 +395,9 @@ class StudioController:
             table = table[table["trained_round"] == int(round_filter)]
         shown = []
         for pick in table.sort_values("pick_id", ascending=False).head(limit).itertuples():
-            best = Image.open(self.session.root / pick.best_image).convert("RGB")
-            worst = Image.open(self.session.root / pick.worst_image).convert("RGB")
+            best, worst, damaged = _pick_images(
+                self.session.root, pick.best_image, pick.worst_image
+            )
             trained = (
                 "not trained yet"
                 if pd.isna(pick.trained_round)
@@ -390,6 +405,8 @@ class StudioController:
             )
             who = pick.labeler or "anonymous"
             caption = f"Pick {pick.pick_id} · {who} · {trained} · “{pick.prompt}”: best | worst"
+            if damaged:
+                caption += f" (cannot read {', '.join(damaged)}: damaged or missing)"
             shown.append((side_by_side(best, worst), caption))
         return shown
 

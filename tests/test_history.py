@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 
 import pandas as pd
+import pytest
 
+from d3po_core.errors import DamagedFile
 from d3po_core.methods import D3POConfig
 from studio import views
 
@@ -66,6 +68,20 @@ def test_gallery_shows_best_beside_worst_by_round_and_labeler(ctl):
         "Pick 1 · ana · round 1 · “a red circle”: best | worst",
     ]
     assert len(ctl.pick_gallery("new")) == 1 and len(ctl.pick_gallery(labeler="ana")) == 2
+
+
+def test_a_damaged_image_file_keeps_its_pick_in_the_gallery_and_names_the_file(ctl):
+    grids = _label(ctl, 2, "ana")
+    pick = ctl.picks().iloc[0]
+    best = ctl.session.grid(int(pick["grid_id"]))["image_paths"][int(pick["best"])]
+    best.write_bytes(b"not a png")  # damaged on disk; the pick's row is whole
+    shown = ctl.pick_gallery()
+    assert len(shown) == 2
+    damaged = [caption for _, caption in shown if "cannot read" in caption]
+    assert len(damaged) == 1 and best.name in damaged[0] and "damaged or missing" in damaged[0]
+    with pytest.raises(DamagedFile, match=f"an image of grid {grids[0]} .*damaged or missing"):
+        ctl.session.load_images(grids[0])
+    assert len(ctl.picks()) == 2  # nothing lost
 
 
 def test_per_labeler_agreement_for_a_small_team(ctl):

@@ -468,12 +468,19 @@ class Session:
         }
 
     def load_images(self, grid_id: int) -> list[Image.Image]:
-        """The grid's images, in index order, fully loaded (no open file handles)."""
+        """The grid's images, in index order, fully loaded (no open file handles);
+        :class:`DamagedFile` when one is missing or cannot be read."""
         images = []
         for path in self.grid(grid_id)["image_paths"]:
-            with Image.open(path) as im:
-                im.load()
-                images.append(im.copy())
+            try:
+                with Image.open(path) as im:
+                    im.load()
+                    images.append(im.copy())
+            except (OSError, ValueError) as exc:  # missing, truncated or not an image
+                raise DamagedFile(
+                    f"an image of grid {grid_id} ({path}) is damaged or missing "
+                    f"({type(exc).__name__}: {str(exc)[:120]})"
+                ) from None
         return images
 
     def load_tensors(self, grid_id: int) -> dict[str, torch.Tensor]:
