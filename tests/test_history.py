@@ -62,7 +62,7 @@ def test_gallery_shows_best_beside_worst_by_round_and_labeler(ctl):
     assert caption == "Pick 3 · ben · not trained yet · “a red circle”: best | worst"
     # crisp: a 32 px image scaled 6× by nearest neighbour keeps 6×6 blocks of one colour
     block = image.crop((0, 0, 6, 6))
-    assert len(set(block.getdata())) == 1
+    assert len(block.getcolors()) == 1
     assert [c for _, c in ctl.pick_gallery(1)] == [
         "Pick 2 · ana · round 1 · “a red circle”: best | worst",
         "Pick 1 · ana · round 1 · “a red circle”: best | worst",
