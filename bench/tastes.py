@@ -246,6 +246,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     ),
     # KTO's per-image signal on the same picks (Diffusion-KTO): best desirable, worst not
     "kto-replay": ("kto", {"replay": True}),
+    "kto-replay-lr5e-4": ("kto", {"replay": True, "learning_rate": 5e-4}),
+    "kto-replay-b5000": ("kto", {"replay": True, "beta": 5000.0}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults
