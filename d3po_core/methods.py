@@ -226,7 +226,7 @@ METHODS: dict[str, Method] = {
             "kto",
             DiffusionKTOConfig,
             "picks",
-            "Diffusion-KTO: each pick's best made likelier, its worst less, one image at a time",
+            "Diffusion-KTO (each image alone) on best/worst picks",
         ),
         Method("ddpo", DDPOConfig, "rewards", "DDPO (PPO-clip) on rewards"),
         Method("p3o", P3OConfig, "rewards", "P3O (pairwise PPO) on rewards"),

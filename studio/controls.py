@@ -18,7 +18,7 @@ from typing import Any
 
 from d3po_core import settings
 from d3po_core.errors import SettingsError
-from d3po_core.methods import D3POConfig, DiffusionDPOConfig
+from d3po_core.methods import D3POConfig, DiffusionDPOConfig, DiffusionKTOConfig
 from d3po_core.settings import SampleSettings, Spec, spec
 
 # -- which fields the studio shows ------------------------------------------------------------
@@ -35,12 +35,15 @@ _LOOP_ADVANCED = (
     "lora.alpha",
 )
 _LOOP_HIDDEN = {
-    "anchor_scope": "a benchmark option: anchoring the pair as a whole learned as little as "
-    "anchoring each image (docs/benchmarks.md §5)",
     "seed": "fixes the order of a round's items for reproducible benchmarks (the CLI's "
     "--train-seed); picking it by hand changes nothing a labeler can judge",
     "lora.targets": "UNet module names: a wrong one fails the round, and only the first round "
     "of a session reads it",
+}
+_PREFERENCE_HIDDEN = {
+    **_LOOP_HIDDEN,
+    "anchor_scope": "a benchmark option: anchoring the pair as a whole learned as little as "
+    "anchoring each image (docs/benchmarks.md §5)",
 }
 
 
@@ -59,22 +62,34 @@ class TrainForm:
         return self.main + self.advanced
 
 
-#: The methods on picks the studio trains, by registered name (the engine's default first).
+#: The methods on picks the studio trains, by registered name (D3PO, the project's own, first).
 TRAIN_FORMS: dict[str, TrainForm] = {
     "d3po": TrainForm(
         D3POConfig,
         ("beta", "learning_rate", "epochs", "pairs", "reduction", "reference", "timestep_fraction"),
         ("replay", "ratio_clip", "anchor", *_LOOP_ADVANCED),
-        _LOOP_HIDDEN,
+        _PREFERENCE_HIDDEN,
     ),
     "diffusion-dpo": TrainForm(
         DiffusionDPOConfig,
         ("beta", "learning_rate", "epochs", "pairs", "replay", "noise_draws"),
         ("anchor", "timestep_bias", *_LOOP_ADVANCED),
         {
-            **_LOOP_HIDDEN,
+            **_PREFERENCE_HIDDEN,
             "timestep_fraction": "the noise-level loss trains fresh noise levels of the final "
             "images (noise draws), not the recorded denoising steps",
+        },
+    ),
+    "kto": TrainForm(
+        DiffusionKTOConfig,
+        ("beta", "learning_rate", "epochs", "replay", "noise_draws"),
+        _LOOP_ADVANCED,
+        {
+            **_LOOP_HIDDEN,
+            "pairs": "KTO judges each pick's best and worst image on its own, so the pairs "
+            "between a grid's images are not used",
+            "timestep_fraction": "KTO trains fresh noise levels of the final images (noise "
+            "draws), not the recorded denoising steps",
         },
     ),
 }
