@@ -22,7 +22,7 @@ from .errors import ModelLoadError, SettingsError
 
 #: The training method every front end starts with (a name in ``d3po_core.objectives.METHODS``),
 #: chosen on the taste benchmark (docs/benchmarks.md §5).
-DEFAULT_METHOD = "diffusion-dpo"
+DEFAULT_METHOD = "kto"
 
 MAX_PROMPT_CHARS = 2000
 """The longest prompt the studio, the CLI and the session accept (CLIP reads the first 77
