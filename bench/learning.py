@@ -91,7 +91,7 @@ def gain_ratios(table: pd.DataFrame) -> dict[tuple[str, str], float]:
     return {
         (o, m): float(g[(o, m)] / g[(o, "ddpo")])
         for o in OBJECTIVES
-        for m in ("d3po", "diffusion-dpo")
+        for m in ("d3po", "diffusion-dpo", "kto")
         if (o, "ddpo") in g and (o, m) in g
     }
 
@@ -129,6 +129,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
         "d3po": "tab:blue",
         "diffusion-dpo": "tab:purple",
         "ddpo": "tab:orange",
+        "kto": "tab:red",
         "p3o": "tab:green",
         runs.CONTROL: "gray",
     }

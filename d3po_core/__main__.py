@@ -376,7 +376,7 @@ COMMANDS = {
         cmd_label,
     ),
     "train": Command(
-        "train one round on the new picks (Diffusion-DPO by default; --method d3po)",
+        "train one round on the new picks (Diffusion-KTO by default; --method to choose another)",
         _train_options,
         cmd_train,
     ),
