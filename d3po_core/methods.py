@@ -145,8 +145,8 @@ class DiffusionKTOConfig(PickSettings):
         low=0,
         low_open=True,
         high=1e6,
-        help="Scale of an image's implicit reward on the per-dimension denoising errors "
-        "(Diffusion-DPO's 2500).",
+        help="Scale of an image's implicit reward, its denoising error per dimension against "
+        "the reference's (2500, as Diffusion-DPO's).",
     )
     noise_draws: int = setting(
         20,
