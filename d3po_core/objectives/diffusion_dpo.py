@@ -142,7 +142,7 @@ class KTOObjective(DiffusionDPOObjective):
     Items are (example, image, image, draw, +1 desirable / −1 undesirable)."""
 
     sides = 1
-    _bias = 0.0  # uniform noise levels, as the paper
+    _bias = 0.0  # uniform noise levels, as in the paper
 
     def items(self) -> list[tuple[int, int, int, int, int]]:
         labeled = sorted(
