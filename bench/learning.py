@@ -91,8 +91,8 @@ def gain_ratios(table: pd.DataFrame) -> dict[tuple[str, str], float]:
     return {
         (o, m): float(g[(o, m)] / g[(o, "ddpo")])
         for o in OBJECTIVES
-        for m in ("d3po", "diffusion-dpo", "kto")
-        if (o, "ddpo") in g and (o, m) in g
+        for m in METHODS
+        if m != "ddpo" and (o, "ddpo") in g and (o, m) in g
     }
 
 

@@ -545,8 +545,8 @@ def seed_noise(df: pd.DataFrame, seeds: int = 3) -> str:
     part = part[part["images"] > 0]
     last = part[part["round"] == part["round"].max()]
 
-    def pooled(values: pd.DataFrame, column: str) -> float:
-        groups = values.groupby(["variant", "taste"])[column]
+    def pooled(values: pd.DataFrame, column: str, by=("variant", "taste")) -> float:
+        groups = values.groupby(list(by))[column]
         var = groups.var()[groups.count() >= 3]
         return float(np.sqrt(var.mean()))
 
@@ -554,10 +554,9 @@ def seed_noise(df: pd.DataFrame, seeds: int = 3) -> str:
     steps = steps.assign(
         change=steps.groupby(["variant", "taste", "seed"])["win_rate"].diff()
     ).dropna(subset=["change"])
-    steps = steps.assign(variant=steps["variant"] + "@" + steps["round"].astype(str))
     own = pooled(last[last["picks"] == "taste"], "win_rate")
     control = pooled(last[last["picks"] == CONTROL], "win_rate")
-    change = pooled(steps, "change")
+    change = pooled(steps, "change", by=("variant", "taste", "round"))
     if np.isnan([own, control, change]).any():
         return "(too few seeds to measure how far a mean moves by chance)"
     root = np.sqrt(seeds)

@@ -40,6 +40,11 @@ _LOOP_HIDDEN = {
     "lora.targets": "UNet module names: a wrong one fails the round, and only the first round "
     "of a session reads it",
 }
+#: why a loss on fresh noise levels of the final images hides the recorded steps' fraction
+_NOISE_LEVELS_HIDDEN = {
+    "timestep_fraction": "the loss trains fresh noise levels of the final images (noise "
+    "draws), not the recorded denoising steps",
+}
 _PREFERENCE_HIDDEN = {
     **_LOOP_HIDDEN,
     "anchor_scope": "a benchmark option: anchoring the pair as a whole learned as little as "
@@ -74,11 +79,7 @@ TRAIN_FORMS: dict[str, TrainForm] = {
         DiffusionDPOConfig,
         ("beta", "learning_rate", "epochs", "pairs", "replay", "noise_draws"),
         ("anchor", "timestep_bias", *_LOOP_ADVANCED),
-        {
-            **_PREFERENCE_HIDDEN,
-            "timestep_fraction": "the noise-level loss trains fresh noise levels of the final "
-            "images (noise draws), not the recorded denoising steps",
-        },
+        {**_PREFERENCE_HIDDEN, **_NOISE_LEVELS_HIDDEN},
     ),
     "kto": TrainForm(
         DiffusionKTOConfig,
@@ -86,10 +87,9 @@ TRAIN_FORMS: dict[str, TrainForm] = {
         _LOOP_ADVANCED,
         {
             **_LOOP_HIDDEN,
+            **_NOISE_LEVELS_HIDDEN,
             "pairs": "KTO judges each pick's best and worst image on its own, so the pairs "
             "between a grid's images are not used",
-            "timestep_fraction": "KTO trains fresh noise levels of the final images (noise "
-            "draws), not the recorded denoising steps",
         },
     ),
 }

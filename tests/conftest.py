@@ -26,6 +26,17 @@ def d3po_round(pipe, examples, config=None, **kwargs):
     return run_round(pipe, D3POObjective(examples, config or D3POConfig()), **kwargs)
 
 
+def circle_picks(pipe, session) -> list:
+    """Four grids of "a circle" (seeds 0, 4, 8, 12), each picked best 0 and worst 3; their
+    examples, as a round loads them."""
+    from d3po_core.workflow import generate, load_examples
+
+    for seed in range(0, 16, 4):
+        grid_id, _ = generate(pipe, session, "a circle", FAST, seed=seed)
+        session.add_pick(grid_id, best=0, worst=3)
+    return load_examples(session)[1]
+
+
 def ddpo_round(pipe, examples, config=None, **kwargs):
     """One DDPO round through the round loop."""
     return run_round(pipe, DDPOObjective(examples, config or DDPOConfig()), **kwargs)

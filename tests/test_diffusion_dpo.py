@@ -14,9 +14,9 @@ from d3po_core.objectives.implicit import image_rewards
 from d3po_core.rounds import run_round
 from d3po_core.sampling import sample_grid
 from d3po_core.session import Session
-from d3po_core.workflow import generate, load_examples, train_round
+from d3po_core.workflow import train_round
 
-from .conftest import FAST
+from .conftest import FAST, circle_picks
 
 
 def test_noise_levels_lean_toward_the_noisy_end():
@@ -68,10 +68,7 @@ def test_kto_ranks_the_best_images_above_the_worst(pipe, tmp_path):
     remove_lora(pipe.unet)  # the picks from the base model, whatever ran before
     torch.manual_seed(0)  # the new adapter's initial weights
     with Session.open(tmp_path / "s") as session:
-        for seed in range(0, 16, 4):
-            grid_id, _ = generate(pipe, session, "a circle", FAST, seed=seed)
-            session.add_pick(grid_id, best=0, worst=3)
-        _, new, _ = load_examples(session)
+        new = circle_picks(pipe, session)
         config = DiffusionKTOConfig(epochs=4, batch_size=8, noise_draws=16, learning_rate=3e-3)
         items = KTOObjective(new, config).items()
         assert len(items) == 4 * 2 * 16  # best and worst, 16 noise levels each

@@ -9,7 +9,7 @@ from d3po_core.session import Session
 from d3po_core.session.reports import heldout_df, round_warnings
 from d3po_core.workflow import generate, load_examples, train_round
 
-from .conftest import FAST
+from .conftest import FAST, circle_picks
 
 
 def _round(session: Session, **metrics) -> int:
@@ -85,10 +85,7 @@ def test_agreement_is_none_on_the_base_model(pipe, tmp_path):
 def test_implicit_reward_ranks_the_trained_picks(pipe, tmp_path):
     """After a round on them, the picks' best images get the higher implicit reward."""
     with Session.open(tmp_path / "s") as session:
-        for seed in range(0, 16, 4):
-            grid_id, _ = generate(pipe, session, "a circle", FAST, seed=seed)
-            session.add_pick(grid_id, best=0, worst=3)
-        _, new, _ = load_examples(session)
+        new = circle_picks(pipe, session)
         config = DiffusionDPOConfig(epochs=4, batch_size=8, noise_draws=8, learning_rate=1e-2)
         train_round(pipe, session, config)
         rewards = image_rewards(pipe, new)
@@ -104,10 +101,7 @@ def test_anchor_keeps_the_worst_images_from_being_unlearned(pipe, tmp_path):
     for anchor in (0.0, 5.0):
         remove_lora(pipe.unet)  # the same picks from the base model in each session
         with Session.open(tmp_path / f"s{anchor}") as session:
-            for seed in range(0, 16, 4):
-                grid_id, _ = generate(pipe, session, "a circle", FAST, seed=seed)
-                session.add_pick(grid_id, best=0, worst=3)
-            _, new, _ = load_examples(session)
+            new = circle_picks(pipe, session)
             config = DiffusionDPOConfig(
                 epochs=4, batch_size=8, noise_draws=8, learning_rate=1e-2, anchor=anchor
             )

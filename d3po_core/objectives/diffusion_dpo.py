@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models import set_lora_enabled
+from ..models import base_model
 from ..rounds import Batch, Objective
 from .d3po import anchor_penalty, pick_pairs
 from .implicit import denoising_error
@@ -57,14 +57,14 @@ class DiffusionDPOObjective(Objective):
             for d in range(self.config.noise_draws)
         ]
 
-    def _errors(
-        self, pipe, batch: Batch, sides: tuple[int, ...] = (1, 2)
-    ) -> tuple[torch.Tensor, ...]:
-        """Denoising errors of each item's images at ``sides`` (1: the winner, 2: the loser),
-        in one UNet call; an item's (t, ε) is fixed by its index and the round's seed, so
-        every pass sees the same ones and both sides share them."""
+    def _errors(self, pipe, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """Denoising errors of each item's images (item[1], and item[2] when an item scores
+        two: the winner, the loser), one tensor a side, in one UNet call; an item's (t, ε) is
+        fixed by its index and the round's seed, so every pass sees the same ones and both
+        sides share them."""
         num_train = pipe.scheduler.config.num_train_timesteps
         latents, noise, ts, cond = [], [], [], []
+        sides = range(1, self.sides + 1)
         for side in sides:
             for item in batch.items:
                 e, d = item[0], item[3]
@@ -79,18 +79,17 @@ class DiffusionDPOObjective(Objective):
         return denoising_error(pipe, latents, noise, ts, cond).chunk(len(sides))
 
     def prepare(self, pipe, batches: list[Batch]) -> None:
-        """The reference's errors, once, before any update."""
-        set_lora_enabled(pipe.unet, False)
-        try:
+        """The reference's errors, once, before any update: ``ref_1`` (the winner's, or the
+        one image's) and ``ref_2`` (the loser's), a row an item."""
+        with base_model(pipe.unet):
             for batch in batches:
-                batch.cache["ref_w"], batch.cache["ref_l"] = self._errors(pipe, batch)
-        finally:
-            set_lora_enabled(pipe.unet, True)
+                for side, errors in enumerate(self._errors(pipe, batch), start=1):
+                    batch.cache[f"ref_{side}"] = errors
 
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
         err_w, err_l = self._errors(pipe, batch)
-        gain_w = err_w - batch.cache["ref_w"]
-        gain_l = err_l - batch.cache["ref_l"]
+        gain_w = err_w - batch.cache["ref_1"]
+        gain_l = err_l - batch.cache["ref_2"]
         half = 0.5 * self.config.beta
         delta = -half * (gain_w - gain_l)
         # DPO-Positive's idea on both sides: getting worse than the reference at either image
@@ -126,7 +125,7 @@ class SFTObjective(DiffusionDPOObjective):
         """Nothing: the loss needs no reference."""
 
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
-        (err,) = self._errors(pipe, batch, sides=(1,))
+        (err,) = self._errors(pipe, batch)
         return {"loss": err, "accuracy": torch.zeros_like(err), "error_w": err}
 
 
@@ -146,8 +145,9 @@ class KTOObjective(DiffusionDPOObjective):
 
     def items(self) -> list[tuple[int, int, int, int, int]]:
         labeled = sorted(
-            {(e, win, 1) for e, win, _ in pick_pairs(self.examples, "best-worst")}
-            | {(e, lose, -1) for e, _, lose in pick_pairs(self.examples, "best-worst")}
+            (e, image, sign)
+            for e, ex in enumerate(self.examples)
+            for image, sign in ((ex.best, 1), (ex.worst, -1))
         )
         return [
             (e, image, image, d, sign)
@@ -155,19 +155,10 @@ class KTOObjective(DiffusionDPOObjective):
             for d in range(self.config.noise_draws)
         ]
 
-    def prepare(self, pipe, batches: list[Batch]) -> None:
-        """The reference's errors, once, before any update."""
-        set_lora_enabled(pipe.unet, False)
-        try:
-            for batch in batches:
-                (batch.cache["ref"],) = self._errors(pipe, batch, sides=(1,))
-        finally:
-            set_lora_enabled(pipe.unet, True)
-
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
-        (err,) = self._errors(pipe, batch, sides=(1,))
+        (err,) = self._errors(pipe, batch)
         half = 0.5 * self.config.beta
-        reward = -half * (err - batch.cache["ref"])
+        reward = -half * (err - batch.cache["ref_1"])
         z = reward.mean().detach().clamp(min=0)
         sign = torch.tensor([item[4] for item in batch.items], dtype=reward.dtype)
         margin = sign.to(reward.device) * (reward - z)
