@@ -247,6 +247,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # KTO's per-image signal on the same picks (Diffusion-KTO): best desirable, worst not
     "kto-replay": ("kto", {"replay": True}),
     "kto-replay-lr5e-4": ("kto", {"replay": True, "learning_rate": 5e-4}),
+    # KTO with the adapter on the resnets' convolutions too (where conv lifted placement)
+    "kto-replay-conv": ("kto", {"replay": True, "lora": _CONV_LORA}),
+    "kto-replay-lr2e-3": ("kto", {"replay": True, "learning_rate": 2e-3}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

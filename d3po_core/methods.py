@@ -22,10 +22,6 @@ PairMode = Literal["best-worst", "implied"]
 class PickSettings(RoundSettings):
     """What every method on best/worst picks takes besides the loop's settings."""
 
-    pairs: PairMode = setting(
-        "best-worst",
-        help="best-worst: one pair a pick; implied: also best > others > worst (2N−3 pairs).",
-    )
     replay: bool = setting(
         True,
         help="Also train on as many earlier picks as there are new ones, drawn at random, so "
@@ -37,6 +33,10 @@ class PickSettings(RoundSettings):
 class PreferenceSettings(PickSettings):
     """What the preference losses (D3PO's, Diffusion-DPO's) take besides the pick settings."""
 
+    pairs: PairMode = setting(
+        "best-worst",
+        help="best-worst: one pair a pick; implied: also best > others > worst (2N−3 pairs).",
+    )
     anchor: float = setting(
         0.0,
         low=0,

@@ -85,12 +85,7 @@ TRAIN_FORMS: dict[str, TrainForm] = {
         DiffusionKTOConfig,
         ("beta", "learning_rate", "epochs", "replay", "noise_draws"),
         _LOOP_ADVANCED,
-        {
-            **_LOOP_HIDDEN,
-            **_NOISE_LEVELS_HIDDEN,
-            "pairs": "KTO judges each pick's best and worst image on its own, so the pairs "
-            "between a grid's images are not used",
-        },
+        {**_LOOP_HIDDEN, **_NOISE_LEVELS_HIDDEN},
     ),
 }
 DEFAULT_METHOD = settings.DEFAULT_METHOD
