@@ -100,11 +100,12 @@ class Run:
         config = METHODS[s["method"]].config.from_dict({**s["config"], "seed": s["seed"]})
         return cls(s, pipe, settings, config, IMAGES_PER_ROUND // settings.n)
 
-    def simulate(self, scorer, eval_set: EvalSet, **kwargs) -> list[dict]:
+    def simulate(self, scorer, eval_set: EvalSet, on_session=None, **kwargs) -> list[dict]:
         """The spec's rounds in a throw-away session, labeled and evaluated by ``scorer``
-        (``labeler=`` labels instead; see :func:`d3po_core.simulate.simulate`)."""
+        (``labeler=`` labels instead; see :func:`d3po_core.simulate.simulate`); ``on_session``
+        gets the session at the end, before it is thrown away."""
         with tempfile.TemporaryDirectory() as tmp, Session.open(Path(tmp) / "s") as session:
-            return simulate(
+            rows = simulate(
                 self.pipe,
                 session,
                 scorer,
@@ -117,6 +118,9 @@ class Run:
                 seed=1_000_000 * (self.spec["seed"] + 1),
                 **kwargs,
             )
+            if on_session is not None:
+                on_session(session)
+            return rows
 
     def result(self, **fields_: object) -> dict:
         """The record saved for the run: the spec, what it ran with, and ``fields_``."""

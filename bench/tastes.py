@@ -250,6 +250,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # KTO with the adapter on the resnets' convolutions too (where conv lifted placement)
     "kto-replay-conv": ("kto", {"replay": True, "lora": _CONV_LORA}),
     "kto-replay-lr2e-3": ("kto", {"replay": True, "learning_rate": 2e-3}),
+    # each image judged against the batch's mean reward as it is, not at least 0
+    "kto-replay-zmean": ("kto", {"replay": True, "reference_point": "mean"}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults
@@ -289,6 +291,25 @@ def taste_rows(
     }
 
 
+def pick_lean(session) -> dict[str, float]:
+    """How far the picks trained on lean toward each taste: the mean over picks of the taste's
+    score of the best image minus the worst's, as a share of the grid's range (max − min).
+    A labeler with that taste leans 1; random picks lean a little, each seed its own way."""
+    gap = dict.fromkeys(TASTES, 0.0)
+    span = dict.fromkeys(TASTES, 0.0)
+    untrained = {p["pick_id"] for p in session.training_picks()}  # the held-out last grids
+    for pick in session.training_picks(since_last_round=False):
+        if pick["pick_id"] in untrained:
+            continue
+        images = session.load_images(pick["grid_id"])
+        prompt = session.grid(pick["grid_id"])["prompt"]
+        for name, (scorer, _what) in TASTES.items():
+            scores = [float(scorer(image, prompt)) for image in images]
+            gap[name] += scores[pick["best"]] - scores[pick["worst"]]
+            span[name] += max(scores) - min(scores)
+    return {name: gap[name] / span[name] if span[name] else 0.0 for name in TASTES}
+
+
 def run_taste(s: dict, out: Path, model: str | None) -> dict:
     """Run a spec (or read its cached result): label with its taste (or at random), train,
     and measure every taste on EVAL_SET before training and after each round."""
@@ -321,10 +342,13 @@ def run_taste(s: dict, out: Path, model: str | None) -> dict:
             }
         )
 
-    rows = run.simulate(labeler, _SIM_EVAL, on_round=on_round)
+    lean: dict[str, float] = {}
+    rows = run.simulate(
+        labeler, _SIM_EVAL, on_round=on_round, on_session=lambda ss: lean.update(pick_lean(ss))
+    )
     for entry, row in zip(table, rows, strict=True):
         entry["heldout_agreement"] = row.get("heldout_agreement")
-    result = run.result(eval_set=asdict(EVAL_SET), table=table, eval_scores=samples)
+    result = run.result(eval_set=asdict(EVAL_SET), table=table, eval_scores=samples, pick_lean=lean)
     out.mkdir(parents=True, exist_ok=True)
     runs.save_result(path, result)
     return result
@@ -572,11 +596,50 @@ def seed_noise(df: pd.DataFrame, seeds: int = 3) -> str:
     )
 
 
+def lean_drift(results: list[dict]) -> str:
+    """How much of the control's drift its random picks asked for: over the control runs that
+    recorded their picks' lean, each taste's last-round win rate − 0.5 fitted as a per-taste
+    offset (drift whatever the picks) plus one slope on the picks' lean toward that taste,
+    beside what the tastes' own labelers (lean 1) gained on the same variants."""
+    rows = [
+        (name, lean, r["table"][-1]["tastes"][name]["win_rate"] - 0.5)
+        for r in results
+        if r["objective"] == CONTROL and r.get("pick_lean")
+        for name, lean in r["pick_lean"].items()
+    ]
+    runs_ = [r for r in results if r["objective"] == CONTROL and r.get("pick_lean")]
+    if len(runs_) < 3:
+        return "(too few control runs record their picks' lean)"
+    names = list(TASTES)
+    lean = np.array([x for _, x, _ in rows])
+    drift = np.array([y for *_, y in rows])
+    design = np.column_stack([lean] + [[n == name for n, *_ in rows] for name in names])
+    coef, *_ = np.linalg.lstsq(design.astype(float), drift, rcond=None)
+    fitted = design.astype(float) @ coef
+    offsets = ", ".join(f"{name} {c:+.3f}" for name, c in zip(names, coef[1:], strict=True))
+    variants = sorted({r["variant"] for r in runs_})
+    own = [
+        r["table"][-1]["tastes"][r["objective"]]["win_rate"] - 0.5
+        for r in results
+        if r["variant"] in variants and r["objective"] in TASTES
+    ]
+    return (
+        f"control runs that record their picks' lean: {len(runs_)} ({', '.join(variants)}). "
+        f"Random picks lean {np.mean(np.abs(lean)):.3f} toward a taste on average (|lean|; "
+        f"its own labeler leans 1). Fit: win rate − 0.5 = {coef[0]:.2f} × lean + a taste's "
+        f"offset ({offsets}); rms drift {np.sqrt(np.mean(drift**2)):.3f}, left after the fit "
+        f"{np.sqrt(np.mean((drift - fitted) ** 2)):.3f}. The tastes' own runs gained "
+        f"{np.mean(own):+.3f} at lean 1."
+    )
+
+
 def report(results: list[dict], plot_path: Path) -> None:
     df = frame(results)
     print(compare(df))
     print()
     print(seed_noise(df))
+    print()
+    print(lean_drift(results))
     print()
     default = df[df["variant"] == DEFAULT_VARIANT]
     if default.empty:

@@ -155,6 +155,12 @@ class DiffusionKTOConfig(PickSettings):
         help="Noise levels (t, ε) drawn for each labeled image in a round (20: the UNet calls "
         "of Diffusion-DPO's defaults, 40 a pick).",
     )
+    reference_point: Literal["kl", "mean"] = setting(
+        "kl",
+        help="What an image's reward is judged against: kl, the batch's mean reward but at "
+        "least 0 (KTO's estimate of how far the model moved); mean, the batch's mean reward "
+        "as it is, so a model that gets worse at everything gains nothing.",
+    )
 
 
 @dataclass

@@ -84,7 +84,7 @@ TRAIN_FORMS: dict[str, TrainForm] = {
     "kto": TrainForm(
         DiffusionKTOConfig,
         ("beta", "learning_rate", "epochs", "replay", "noise_draws"),
-        _LOOP_ADVANCED,
+        ("reference_point", *_LOOP_ADVANCED),
         {**_LOOP_HIDDEN, **_NOISE_LEVELS_HIDDEN},
     ),
 }

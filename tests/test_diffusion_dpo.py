@@ -11,7 +11,7 @@ from d3po_core.objectives import diffusion_dpo
 from d3po_core.objectives.d3po import Example
 from d3po_core.objectives.diffusion_dpo import DiffusionDPOObjective, KTOObjective, noise_level
 from d3po_core.objectives.implicit import image_rewards
-from d3po_core.rounds import run_round
+from d3po_core.rounds import Batch, run_round
 from d3po_core.sampling import sample_grid
 from d3po_core.session import Session
 from d3po_core.workflow import train_round
@@ -77,3 +77,22 @@ def test_kto_ranks_the_best_images_above_the_worst(pipe, tmp_path):
         rewards = image_rewards(pipe, new)
     assert metrics["accuracy"] > 0.75 and metrics["reference_point"] > 0
     assert rewards[:, 0].mean() > rewards[:, 1].mean()
+
+
+def test_kto_judges_images_against_its_reference_point(monkeypatch):
+    """A batch whose four images all got worse than under the reference: with "kl" the
+    reference point stays at 0, so both desirable images lose and both undesirable ones win;
+    with "mean" each is judged against the batch's mean reward, as it is."""
+    items = [(0, 0, 0, 0, 1), (0, 1, 1, 0, 1), (0, 2, 2, 0, -1), (0, 3, 3, 0, -1)]
+    batch = Batch(key=(), items=items, cache={"ref_1": torch.zeros(4)})
+    errors = torch.tensor([1e-4, 4e-4, 2e-4, 5e-4])  # above the reference's: all worse
+    reward = -1250 * errors  # β/2 = 1250: -0.125, -0.5, -0.25, -0.625; mean -0.375
+    sign = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    for point, z, right in (("kl", 0.0, [0, 0, 1, 1]), ("mean", -0.375, [1, 0, 0, 1])):
+        objective = KTOObjective([], DiffusionKTOConfig(reference_point=point))
+        monkeypatch.setattr(objective, "_errors", lambda pipe, batch: (errors,))
+        terms = objective.terms(None, batch)
+        margin = sign * (reward - z)
+        assert torch.allclose(terms["reference_point"], torch.full((4,), z))
+        assert torch.allclose(terms["loss"], 1 - torch.sigmoid(margin))
+        assert terms["accuracy"].tolist() == right

@@ -159,7 +159,9 @@ class KTOObjective(DiffusionDPOObjective):
         (err,) = self._errors(pipe, batch)
         half = 0.5 * self.config.beta
         reward = -half * (err - batch.cache["ref_1"])
-        z = reward.mean().detach().clamp(min=0)
+        z = reward.mean().detach()
+        if self.config.reference_point == "kl":
+            z = z.clamp(min=0)
         sign = torch.tensor([item[4] for item in batch.items], dtype=reward.dtype)
         margin = sign.to(reward.device) * (reward - z)
         return {
