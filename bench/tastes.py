@@ -252,6 +252,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "kto-replay-lr2e-3": ("kto", {"replay": True, "learning_rate": 2e-3}),
     # each image judged against the batch's mean reward as it is, not at least 0
     "kto-replay-zmean": ("kto", {"replay": True, "reference_point": "mean"}),
+    # a larger β: an image's reward saturates sooner, so each round moves less per image
+    "kto-replay-b5000": ("kto", {"replay": True, "beta": 5000.0}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

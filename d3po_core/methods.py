@@ -159,7 +159,8 @@ class DiffusionKTOConfig(PickSettings):
         "kl",
         help="What an image's reward is judged against: kl, the batch's mean reward but at "
         "least 0 (KTO's estimate of how far the model moved); mean, the batch's mean reward "
-        "as it is, so a model that gets worse at everything gains nothing.",
+        "as it is, so a model that gets worse at everything gains nothing. mean learned "
+        "colour and contrast a little more and detail far less (docs/benchmarks.md §5).",
     )
 
 

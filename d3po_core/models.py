@@ -173,12 +173,22 @@ def _explain_load_failure(name: str, is_local: bool, exc: Exception) -> str:
     )
 
 
-def add_lora(unet: torch.nn.Module, settings: LoraSettings | None = None) -> LoraSettings:
-    """Attach a trainable LoRA adapter to the UNet (replacing an existing one of ours)."""
+def add_lora(
+    unet: torch.nn.Module, settings: LoraSettings | None = None, seed: int | None = None
+) -> LoraSettings:
+    """Attach a trainable LoRA adapter to the UNet (replacing an existing one of ours); with
+    ``seed``, its initial weights are drawn from that seed (the global random state is left as
+    it was), so a first round is the same whatever ran before it in the process."""
     settings = settings or LoraSettings()
     if ADAPTER_NAME in getattr(unet, "peft_config", {}):
         unet.delete_adapters(ADAPTER_NAME)
-    unet.add_adapter(peft_config(settings), adapter_name=ADAPTER_NAME)
+    if seed is None:
+        unet.add_adapter(peft_config(settings), adapter_name=ADAPTER_NAME)
+    else:
+        devices = [unet.device] if unet.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            unet.add_adapter(peft_config(settings), adapter_name=ADAPTER_NAME)
     unet.set_adapter(ADAPTER_NAME)
     for name, param in unet.named_parameters():
         param.requires_grad_("lora_" in name)

@@ -249,7 +249,7 @@ def trained_adapter(unet, config: RoundSettings) -> Iterator[list[torch.nn.Param
     """The UNet's LoRA parameters (an adapter is added if missing); on cancel or error the
     adapter weights are restored to their state before the block."""
     if not has_lora(unet):
-        add_lora(unet, config.lora)
+        add_lora(unet, config.lora, seed=config.seed)
     set_lora_enabled(unet, True)
     params = lora_parameters(unet)
     snapshot = [p.detach().clone() for p in params]

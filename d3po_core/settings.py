@@ -334,7 +334,11 @@ class RoundSettings(Settings):
         "display); auto: what the device has free (no limit on CPU).",
     )
     seed: int = setting(
-        0, low=0, aliases=("--train-seed",), help="Seeds the item order and step selection."
+        0,
+        low=0,
+        aliases=("--train-seed",),
+        help="Seeds the item order, the steps or noise levels drawn, and a first "
+        "round's adapter weights: the same picks and settings train the same adapter.",
     )
     lora: LoraSettings = setting(
         default_factory=LoraSettings, cli=False, help="The adapter a first round adds."

@@ -9,7 +9,7 @@ import torch
 
 from d3po_core.errors import NoPicksError, RoundCancelled, SettingsError
 from d3po_core.methods import D3POConfig
-from d3po_core.models import lora_parameters
+from d3po_core.models import add_lora, lora_parameters, remove_lora
 from d3po_core.objectives.d3po import D3POObjective, Example
 from d3po_core.sampling import sample_grid
 
@@ -79,6 +79,23 @@ def test_training_lowers_the_loss_on_its_picks(pipe, examples):
     last = sum(h["loss"] for h in result.history[-3:]) / 3
     assert last < first
     assert result.metrics["accuracy"] > 0.5
+
+
+def test_a_first_round_is_the_same_whatever_ran_before(pipe, examples):
+    """A first round's adapter is drawn from the round's seed, not from the process's random
+    state: the same picks and settings train the same adapter, another seed another one."""
+    trained = []
+    for seed, before in ((0, 1), (0, 2), (1, 1)):
+        remove_lora(pipe.unet)
+        torch.manual_seed(before)  # whatever ran before in the process
+        d3po_round(pipe, examples, D3POConfig(epochs=1, batch_size=4, seed=seed))
+        trained.append(torch.cat([p.detach().flatten() for p in lora_parameters(pipe.unet)]))
+    assert torch.equal(trained[0], trained[1])
+    assert not torch.allclose(trained[0], trained[2])
+    remove_lora(pipe.unet)
+    state = torch.get_rng_state()
+    add_lora(pipe.unet, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)  # the global random state is left as it was
 
 
 def test_cancel_restores_the_adapter(pipe, examples):
