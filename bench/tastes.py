@@ -252,6 +252,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "kto-replay-lr2e-3": ("kto", {"replay": True, "learning_rate": 2e-3}),
     # each image judged against the batch's mean reward as it is, not at least 0
     "kto-replay-zmean": ("kto", {"replay": True, "reference_point": "mean"}),
+    # a rank-4 adapter learns within 4 random input directions a layer, drawn by its seed:
+    # more of them, the same scale
+    "kto-replay-r8": ("kto", {"replay": True, "lora": {"rank": 8, "alpha": 8.0}}),
     # a larger β: an image's reward saturates sooner, so each round moves less per image
     "kto-replay-b5000": ("kto", {"replay": True, "beta": 5000.0}),
 }

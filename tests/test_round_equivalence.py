@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from d3po_core.methods import D3POConfig, DDPOConfig
-from d3po_core.models import load_pipeline, lora_parameters
+from d3po_core.models import add_lora, load_pipeline, lora_parameters
 from d3po_core.objectives.d3po import Example
 from d3po_core.objectives.ddpo import RewardExample
 from d3po_core.sampling import sample_grid
@@ -44,12 +44,15 @@ def test_d3po_and_ddpo_rounds_match_the_loop_before_the_reshaping(tiny_eps):
     before = load_file(BEFORE)
     pipe = load_pipeline(tiny_eps, device="cpu")
     picks = [Example(t, best=i % 4, worst=(i + 1) % 4) for i, t in enumerate(_grids(pipe))]
-    torch.manual_seed(0)  # the adapter's initial weights
     config = D3POConfig(epochs=2, batch_size=4, grad_accum=4, seed=3)
+    torch.manual_seed(0)  # the adapter's initial weights as the loop before drew them
+    add_lora(pipe.unet, config.lora)
     _assert_same(pipe, d3po_round(pipe, picks, config), before, "d3po")
 
     pipe = load_pipeline(tiny_eps, device="cpu")
     rewarded = [RewardExample(t, r) for t, r in zip(_grids(pipe), REWARDS, strict=True)]
+    config = DDPOConfig(batch_size=8, seed=1)
     torch.manual_seed(0)
-    result = ddpo_round(pipe, rewarded, DDPOConfig(batch_size=8, seed=1))
+    add_lora(pipe.unet, config.lora)
+    result = ddpo_round(pipe, rewarded, config)
     _assert_same(pipe, result, before, "ddpo")
