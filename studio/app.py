@@ -105,9 +105,10 @@ def build_app(ctl: StudioController | Starting) -> gr.Blocks:
                 failed = f"⚠️ The model could not be loaded: {exc}"
                 return (failed, failed, gr.update(), *(gr.update() for _ in shared.sampling))
             sample = real.sample_settings
+            notice = real.take_notice()
             return (
                 views.model_line(real.model_info()),
-                f"⚠️ {real.notice[0].upper()}{real.notice[1:]}." if real.notice else "Ready.",
+                f"⚠️ {notice[0].upper()}{notice[1:]}." if notice else "Ready.",
                 views.picks_waiting(real.picks_since_last_round()),
                 *(getattr(sample, path) for path in shared.sampling),
             )

@@ -103,9 +103,16 @@ class StudioController:
         self.pipe = pipe if pipe is not None else load_pipeline(self.model, device=device)
         #: what the user should read on opening (a damaged adapter set aside), else ""
         self.notice = workflow.sync_active(self.pipe, self.session)
+        self._notice_shown = False
         self.sample_settings = sample_settings or SampleSettings(**self.pipe.recommended)
         self._gpu = threading.Lock()
         self._cancel = threading.Event()
+
+    def take_notice(self) -> str:
+        """The opening notice for the first page that asks, then "": it tells what happened
+        when the session was opened, so a reload does not say it again."""
+        shown, self._notice_shown = self._notice_shown, True
+        return "" if shown else self.notice
 
     def close(self) -> None:
         self.session.close()

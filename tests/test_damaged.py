@@ -115,6 +115,26 @@ def test_a_damaged_active_adapter_gives_way_to_the_last_whole_round(pipe, tmp_pa
         assert not has_lora(pipe.unet)
 
 
+def test_the_studio_says_a_damaged_adapter_was_set_aside_once(pipe, tmp_path):
+    """The page that opens first reads the notice; a reload reads "" (the session already
+    points at the last whole round)."""
+    from studio.controller import StudioController
+
+    root = tmp_path / "s"
+    with Session.open(root) as session:
+        for seeds in ((1, 2), (3, 4)):
+            _labeled_grids(pipe, session, seeds)
+            train_round(pipe, session, ROUND)
+        _damage(session.round_path(2) / LORA_WEIGHT_NAME)
+    ctl = StudioController(root, pipe=pipe, sample_settings=FAST)
+    try:
+        first = ctl.take_notice()
+        assert "round 2" in first and "round 1, the last whole one, is active now" in first
+        assert ctl.take_notice() == ""
+    finally:
+        ctl.close()
+
+
 def test_generate_on_a_damaged_active_adapter_warns_and_goes_on(tmp_path, capsys):
     from d3po_core.models import default_model, load_pipeline
 
