@@ -606,15 +606,14 @@ def lean_drift(results: list[dict]) -> str:
     recorded their picks' lean, each taste's last-round win rate − 0.5 fitted as a per-taste
     offset (drift whatever the picks) plus one slope on the picks' lean toward that taste,
     beside what the tastes' own labelers (lean 1) gained on the same variants."""
-    rows = [
-        (name, lean, r["table"][-1]["tastes"][name]["win_rate"] - 0.5)
-        for r in results
-        if r["objective"] == CONTROL and r.get("pick_lean")
-        for name, lean in r["pick_lean"].items()
-    ]
     runs_ = [r for r in results if r["objective"] == CONTROL and r.get("pick_lean")]
     if len(runs_) < 3:
         return "(too few control runs record their picks' lean)"
+    rows = [
+        (name, lean, r["table"][-1]["tastes"][name]["win_rate"] - 0.5)
+        for r in runs_
+        for name, lean in r["pick_lean"].items()
+    ]
     names = list(TASTES)
     lean = np.array([x for _, x, _ in rows])
     drift = np.array([y for *_, y in rows])

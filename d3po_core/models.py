@@ -182,13 +182,11 @@ def add_lora(
     settings = settings or LoraSettings()
     if ADAPTER_NAME in getattr(unet, "peft_config", {}):
         unet.delete_adapters(ADAPTER_NAME)
-    if seed is None:
-        unet.add_adapter(peft_config(settings), adapter_name=ADAPTER_NAME)
-    else:
-        devices = [unet.device] if unet.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+    devices = [unet.device] if unet.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
             torch.manual_seed(seed)
-            unet.add_adapter(peft_config(settings), adapter_name=ADAPTER_NAME)
+        unet.add_adapter(peft_config(settings), adapter_name=ADAPTER_NAME)
     unet.set_adapter(ADAPTER_NAME)
     for name, param in unet.named_parameters():
         param.requires_grad_("lora_" in name)

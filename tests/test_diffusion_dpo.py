@@ -65,8 +65,7 @@ def test_kto_ranks_the_best_images_above_the_worst(pipe, tmp_path):
     """Diffusion-KTO judges each image on its own, against the batch's mean reward: after a
     round its training draws are mostly on the right side of that reference point, and at
     fresh noise levels the picks' best images gain more than their worst."""
-    remove_lora(pipe.unet)  # the picks from the base model, whatever ran before
-    torch.manual_seed(0)  # the new adapter's initial weights
+    remove_lora(pipe.unet)  # the picks from the base model, and a new adapter from seed 0
     with Session.open(tmp_path / "s") as session:
         new = circle_picks(pipe, session)
         config = DiffusionKTOConfig(epochs=4, batch_size=8, noise_draws=16, learning_rate=3e-3)
