@@ -257,6 +257,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "kto-replay-r8": ("kto", {"replay": True, "lora": {"rank": 8, "alpha": 8.0}}),
     # a larger β: an image's reward saturates sooner, so each round moves less per image
     "kto-replay-b5000": ("kto", {"replay": True, "beta": 5000.0}),
+    # β 5000's saturation to bound the drift, with larger or more steps to learn more
+    "kto-replay-b5000-lr2e-3": ("kto", {"replay": True, "beta": 5000.0, "learning_rate": 2e-3}),
+    "kto-replay-b5000-e3": ("kto", {"replay": True, "beta": 5000.0, "epochs": 3}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

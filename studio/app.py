@@ -41,10 +41,12 @@ KEYS_JS = """
 
 
 # small images are shown crisp (nearest neighbour), not blurred by the browser's smoothing;
-# the grid is as tall as its rows (Gradio's gallery keeps a fixed 450 px otherwise)
+# the grid is as tall as its rows (Gradio's gallery keeps a fixed 450 px otherwise); a pick's
+# cell has its image's 2:1 shape (best beside worst), not a square that letterboxes it
 CSS = """
 #grid img, #pick-gallery img, #left-img img, #right-img img { image-rendering: pixelated; }
 #grid .grid-wrap, #pick-gallery .grid-wrap { min-height: 0 !important; height: auto !important; }
+#pick-gallery .thumbnail-item { aspect-ratio: 2 / 1; }
 """
 
 

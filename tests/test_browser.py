@@ -163,6 +163,8 @@ def test_label_train_compare_in_a_real_browser(studio):
         expect(page.locator("#rounds-table")).to_contain_text("yes", timeout=60_000)
         # what the model was taught: every pick's best beside its worst, and who picked
         expect(page.locator("#pick-gallery img")).to_have_count(4, timeout=60_000)
+        cell = page.locator("#pick-gallery .thumbnail-item").first.bounding_box()
+        assert cell and abs(cell["width"] / cell["height"] - 2) < 0.1  # best | worst, unboxed
         expect(page.locator("#labelers-table")).to_contain_text("ben")
         page.get_by_role("tab", name="Compare").click()
         page.click("#pair-btn")
