@@ -19,15 +19,17 @@ import pandas as pd
 import runs
 from runs import spec
 
+from d3po_core.settings import DEFAULT_METHOD
+
 OBJECTIVES = {
     # scorer: (label, sign turning the score into JPEG kB, which way is better)
     "jpeg_compressibility": ("JPEG compressibility", -1.0, "lower is better"),
     "jpeg_incompressibility": ("JPEG incompressibility", 1.0, "higher is better"),
 }
 METHODS = ("d3po", "diffusion-dpo", "kto", "ddpo")
-#: the control's method: Diffusion-DPO, the default when it was run (the taste benchmark has
-#: random picks for every variant, the default included)
-CONTROL_METHOD = "diffusion-dpo"
+#: the control's method: the engine's default on random picks (the taste benchmark has random
+#: picks for every variant)
+CONTROL_METHOD = DEFAULT_METHOD
 
 
 def specs(seeds: int, rounds: int) -> list[dict]:

@@ -69,6 +69,51 @@ def spec(
     }
 
 
+#: settings that change a round's memory, not its result (micro-batches add up the same
+#: gradients; checkpointing recomputes the same activations)
+MEMORY_ONLY = frozenset({"gradient_checkpointing", "micro_batch", "max_memory_gb"})
+
+
+def config_of(s: dict):
+    """The round settings a spec asks of today's engine: its method's defaults, its overrides
+    and its seed."""
+    return METHODS[s["method"]].config.from_dict({**s["config"], "seed": s["seed"]})
+
+
+def stale_settings(result: dict, s: dict) -> dict[str, tuple]:
+    """Where a cached run's settings differ from what its spec asks now (a default changed
+    since it ran): {name: (ran with, asked now)}; empty when the run still stands. A setting
+    added since (its default keeps the old behaviour) or one that only changes memory is not
+    a difference, nor is anything in a result that records no settings."""
+    if "full_config" not in result:
+        return {}
+    if result.get("method") != s["method"]:
+        return {"method": (result.get("method"), s["method"])}
+    ran, asked = result.get("full_config", {}), config_of(s).to_dict()
+    return {
+        k: (ran[k], asked[k])
+        for k in sorted((ran.keys() & asked.keys()) - MEMORY_ONLY)
+        if ran[k] != asked[k]
+    }
+
+
+def set_aside_stale(specs: list[dict], out: Path) -> list[str]:
+    """Move cached runs whose settings are no longer what their spec asks into ``out/stale``
+    (kept, not deleted), so the next run makes them again; the ids moved, each with why."""
+    moved = []
+    for s in specs:
+        path = out / f"{s['id']}.json"
+        if not path.exists():
+            continue
+        diff = stale_settings(json.loads(path.read_text()), s)
+        if diff:
+            (out / "stale").mkdir(exist_ok=True)
+            os.replace(path, out / "stale" / path.name)
+            why = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+            moved.append(f"{s['id']} ({why})")
+    return moved
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     threads = torch.get_num_threads()
@@ -97,7 +142,7 @@ class Run:
         pipe.set_progress_bar_config(disable=True)
         guidance = pipe.recommended.get("guidance", SampleSettings().guidance)
         settings = replace(SampleSettings(guidance=guidance), **s["settings"])
-        config = METHODS[s["method"]].config.from_dict({**s["config"], "seed": s["seed"]})
+        config = config_of(s)
         return cls(s, pipe, settings, config, IMAGES_PER_ROUND // settings.n)
 
     def simulate(self, scorer, eval_set: EvalSet, on_session=None, **kwargs) -> list[dict]:
@@ -315,6 +360,8 @@ def main(
     if not args.report_only:
         if not args.worker:
             print(f"machine: {machine()}")
+            for moved in set_aside_stale(all_specs, args.out):
+                print(f"set aside, to run again with today's settings: {moved}")
         if args.jobs > 1:
             _run_workers(args.jobs, stop_at)
         else:
@@ -330,6 +377,11 @@ def main(
     if args.worker:
         return  # the command that started the workers reports
     results = load_results(all_specs, args.out)
+    by_id = {s["id"]: s for s in all_specs}
+    stale = [r["id"] for r in results if stale_settings(r, by_id[r["id"]])]
+    if stale:  # --report-only over runs made before a default changed
+        print(f"left out of the report, made with other settings than asked now: {stale}")
+        results = [r for r in results if r["id"] not in stale]
     if results:
         report(results, args.plot)
         print(f"plot: {args.plot}")

@@ -141,12 +141,14 @@ class DiffusionKTOConfig(PickSettings):
     method: ClassVar[str] = "kto"
 
     beta: float = setting(
-        2500.0,
+        5000.0,
         low=0,
         low_open=True,
         high=1e6,
         help="Scale of an image's implicit reward, its denoising error per dimension against "
-        "the reference's (2500, as Diffusion-DPO's).",
+        "the reference's: a larger β saturates an image's loss sooner, so a round moves each "
+        "image less. 5000 kept random picks from drifting the model where Diffusion-DPO's "
+        "2500 let them, and learned tastes as well (docs/benchmarks.md §5).",
     )
     noise_draws: int = setting(
         20,

@@ -67,3 +67,56 @@ def test_workers_share_the_specs_and_each_runs_once(tmp_path):
     assert len({line.split()[1] for line in ran}) == 2  # by both workers
     assert not list(out.glob("*.claim"))
     assert json.loads((out / "v--o0--s0.json").read_text()) == {"id": "v--o0--s0"}
+
+
+def test_a_run_made_before_a_default_changed_is_set_aside_and_left_out(tmp_path):
+    """A cached run stands only while its spec still asks for the settings it ran with: one
+    made at another β (a default changed since) is moved aside, kept, to be run again; a
+    difference in memory-only settings, or a setting added since, is no difference."""
+    s = runs.spec("kto-b", "warmth", "kto", 1, rounds=1, config={"beta": 5000.0})
+    ran = runs.config_of(s).to_dict()
+    still = {**ran, "gradient_checkpointing": False}  # memory only
+    del still["reference_point"]  # added since: its default is the old behaviour
+    assert runs.stale_settings({"method": "kto", "full_config": still}, s) == {}
+    old = {**ran, "beta": 2500.0}
+    assert runs.stale_settings({"method": "kto", "full_config": old}, s) == {
+        "beta": (2500.0, 5000.0)
+    }
+    assert runs.stale_settings({"method": "diffusion-dpo", "full_config": ran}, s) == {
+        "method": ("diffusion-dpo", "kto")
+    }
+    other = runs.spec("kto-b", "contrast", "kto", 1, rounds=1, config={"beta": 5000.0})
+    (tmp_path / f"{s['id']}.json").write_text(json.dumps({"method": "kto", "full_config": old}))
+    (tmp_path / f"{other['id']}.json").write_text(json.dumps({"method": "kto", "full_config": ran}))
+    moved = runs.set_aside_stale([s, other], tmp_path)
+    assert moved == [f"{s['id']} (beta 2500.0 -> 5000.0)"]
+    assert (tmp_path / "stale" / f"{s['id']}.json").exists()  # kept
+    assert [p.name for p in tmp_path.glob("*.json")] == [f"{other['id']}.json"]
+
+
+def test_the_stored_benchmark_runs_are_what_their_specs_ask_of_todays_engine():
+    """The cached runs behind docs/benchmarks.md's learning tables were made with the settings
+    their specs ask today: a changed default leaves no table describing other settings; and
+    the taste benchmark's default rows are the engine's defaults."""
+    import learning
+    import tastes
+
+    from d3po_core.settings import DEFAULT_METHOD
+
+    method, overrides = tastes.VARIANTS[tastes.DEFAULT_VARIANT]
+    config = runs.METHODS[method].config
+    assert method == DEFAULT_METHOD and config.from_dict(overrides) == config()
+    checked = 0
+    for bench, out in ((tastes, "tastes"), (learning, "learning")):
+        for s in bench.specs(6, 3):
+            path = REPO / "bench" / "results" / out / f"{s['id']}.json"
+            if path.exists():
+                assert runs.stale_settings(json.loads(path.read_text()), s) == {}, s["id"]
+                checked += 1
+    defaults = tastes.specs(6, 3)
+    assert all(
+        (REPO / "bench" / "results" / "tastes" / f"{s['id']}.json").exists()
+        for s in defaults
+        if s["variant"] == tastes.DEFAULT_VARIANT
+    )
+    assert checked > 400

@@ -88,7 +88,7 @@ def test_kto_judges_images_against_its_reference_point(monkeypatch):
     reward = -1250 * errors  # β/2 = 1250: -0.125, -0.5, -0.25, -0.625; mean -0.375
     sign = torch.tensor([1.0, 1.0, -1.0, -1.0])
     for point, z, right in (("kl", 0.0, [0, 0, 1, 1]), ("mean", -0.375, [1, 0, 0, 1])):
-        objective = KTOObjective([], DiffusionKTOConfig(reference_point=point))
+        objective = KTOObjective([], DiffusionKTOConfig(beta=2500.0, reference_point=point))
         monkeypatch.setattr(objective, "_errors", lambda pipe, batch: (errors,))
         terms = objective.terms(None, batch)
         margin = sign * (reward - z)
