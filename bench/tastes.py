@@ -264,6 +264,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "kto-replay-b5000-lr2e-3": ("kto", {"replay": True, "beta": 5000.0, "learning_rate": 2e-3}),
     # and further along β: saturating sooner still
     "kto-replay-b10000": ("kto", {"replay": True, "beta": 10000.0}),
+    # the defaults ending each round on a moving average of the adapter's weights
+    "kto-replay-b5000-ema": ("kto", {"replay": True, "beta": 5000.0, "ema_decay": 0.95}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

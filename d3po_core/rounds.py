@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Sampler
 
 from .errors import NoPicksError, RoundCancelled, SettingsError
@@ -424,6 +425,7 @@ def run_round(
         loader = accelerator.prepare_data_loader(loader, device_placement=False)
         for p in params:  # nothing left over from an earlier round's accumulation
             p.grad = None
+        ema = None if config.ema_decay is None else EMAModel(params, decay=config.ema_decay)
         length = len(loader)
         total = _records(length, config.epochs, config.grad_accum)
         window: list[dict[str, torch.Tensor]] = []
@@ -459,6 +461,8 @@ def run_round(
                     norms.append(float(accelerator.clip_grad_norm_(params, config.max_grad_norm)))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None and accelerator.sync_gradients:
+                    ema.step(params)
             if accelerator.sync_gradients or _epoch(j + 1, length, config.epochs) != epoch:
                 record = {"step": len(history) + 1, "epoch": epoch}
                 for k in window[0]:
@@ -471,6 +475,8 @@ def run_round(
                     on_progress(
                         ProgressEvent(len(history), total, record["loss"], record["accuracy"], eta)
                     )
+        if ema is not None:
+            ema.copy_to(params)
         last = {k: torch.cat([f[k] for f in final]).double() for k in final[0]}
         metrics = {
             "loss": sum(h["loss"] for h in history) / len(history),

@@ -300,6 +300,14 @@ class RoundSettings(Settings):
     max_grad_norm: float = setting(
         1.0, low=0, low_open=True, help="Gradient clipping norm of an optimizer step."
     )
+    ema_decay: float | None = setting(
+        None,
+        low=0,
+        high=0.9999,
+        help="Keep an exponential moving average of the adapter's weights over the round's "
+        "optimizer steps (diffusers' EMAModel, with its warm-up) and end the round on it: "
+        "the last steps' noise averaged out; none: off, the last step's weights.",
+    )
     timestep_fraction: float = setting(
         1.0,
         low=0,

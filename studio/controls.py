@@ -27,6 +27,7 @@ _LOOP_ADVANCED = (
     "batch_size",
     "grad_accum",
     "max_grad_norm",
+    "ema_decay",
     "mixed_precision",
     "gradient_checkpointing",
     "micro_batch",

@@ -98,6 +98,33 @@ def test_a_first_round_is_the_same_whatever_ran_before(pipe, examples):
     assert torch.equal(torch.get_rng_state(), state)  # the global random state is left as it was
 
 
+def test_a_round_with_ema_ends_on_the_moving_average_of_its_steps(pipe, examples, monkeypatch):
+    """ema_decay d: the round ends on the exponential moving average of the adapter's weights
+    after each optimizer step (diffusers' warm-up: decay min(d, (1 + k) / (10 + k)) at the
+    k-th update after the first), not on the last step's weights."""
+    remove_lora(pipe.unet)
+    add_lora(pipe.unet, seed=0)
+    after_steps = []
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        out = adamw_step(self, *args, **kwargs)
+        after_steps.append(torch.cat([p.detach().flatten() for p in lora_parameters(pipe.unet)]))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    config = D3POConfig(epochs=2, batch_size=2, learning_rate=1e-2, ema_decay=0.5)
+    result = d3po_round(pipe, examples, config)
+    ended = torch.cat([p.detach().flatten() for p in lora_parameters(pipe.unet)])
+    assert len(after_steps) == result.metrics["optimizer_steps"] >= 4
+    average = after_steps[0].clone()
+    for k, weights in enumerate(after_steps[1:], start=1):
+        decay = min(0.5, (1 + k) / (10 + k))
+        average = decay * average + (1 - decay) * weights
+    assert torch.allclose(ended, average, atol=1e-6)
+    assert not torch.allclose(ended, after_steps[-1], atol=1e-4)
+
+
 def test_cancel_restores_the_adapter(pipe, examples):
     d3po_round(pipe, examples, D3POConfig(epochs=1, batch_size=4))
     before = [p.detach().clone() for p in lora_parameters(pipe.unet)]
