@@ -27,16 +27,21 @@ OBJECTIVES = {
     "jpeg_incompressibility": ("JPEG incompressibility", 1.0, "higher is better"),
 }
 METHODS = ("d3po", "diffusion-dpo", "kto", "ddpo")
-#: the control's method: the engine's default on random picks (the taste benchmark has random
-#: picks for every variant)
-CONTROL_METHOD = DEFAULT_METHOD
+#: the controls, on random picks: the engine's default method, and KTO at β 2500 (its default
+#: until β 5000; the control's drift at each β)
+CONTROLS = {runs.CONTROL: (DEFAULT_METHOD, {}), "random-kto-b2500": ("kto", {"beta": 2500.0})}
 
 
 def specs(seeds: int, rounds: int) -> list[dict]:
-    """Each method at its defaults, and Diffusion-DPO on random picks (the control)."""
+    """Each method at its defaults, and the controls (random picks)."""
     return [
         spec(variant, objective, method, seed, rounds=rounds)
-        for variant, method in [*((m, m) for m in METHODS), (runs.CONTROL, CONTROL_METHOD)]
+        for variant, method in ((m, m) for m in METHODS)
+        for seed in range(seeds)
+        for objective in OBJECTIVES
+    ] + [
+        spec(variant, objective, method, seed, rounds=rounds, config=config, random_picks=True)
+        for variant, (method, config) in CONTROLS.items()
         for seed in range(seeds)
         for objective in OBJECTIVES
     ]

@@ -55,8 +55,11 @@ def spec(
     rounds: int,
     config: dict | None = None,
     settings: dict | None = None,
+    random_picks: bool = False,
 ) -> dict:
-    """A run: the same images per round whatever the grid size (grids = 32 / n)."""
+    """A run: the same images per round whatever the grid size (grids = 32 / n); with
+    ``random_picks`` (or the variant CONTROL) it picks at random and its objective only
+    scores it."""
     return {
         "id": f"{variant}--{objective}--s{seed}",
         "variant": variant,
@@ -66,6 +69,7 @@ def spec(
         "rounds": rounds,
         "config": config or {},
         "settings": settings or {},
+        "random_picks": random_picks or variant == CONTROL,
     }
 
 
@@ -198,7 +202,8 @@ def run_one(s: dict, out: Path, model: str | None) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     run = Run.of(s, model)
-    labeler = random_labeler(s["seed"]) if s["variant"] == CONTROL else None
+    random_picks = s.get("random_picks", s["variant"] == CONTROL)
+    labeler = random_labeler(s["seed"]) if random_picks else None
     result = run.result(table=run.simulate(load_scorer(s["objective"]), EVAL, labeler=labeler))
     save_result(path, result)
     return result

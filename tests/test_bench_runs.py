@@ -98,6 +98,7 @@ def test_the_stored_benchmark_runs_are_what_their_specs_ask_of_todays_engine():
     """The cached runs behind docs/benchmarks.md's learning tables were made with the settings
     their specs ask today: a changed default leaves no table describing other settings; and
     the taste benchmark's default rows are the engine's defaults."""
+    import ablation
     import learning
     import tastes
 
@@ -107,7 +108,7 @@ def test_the_stored_benchmark_runs_are_what_their_specs_ask_of_todays_engine():
     config = runs.METHODS[method].config
     assert method == DEFAULT_METHOD and config.from_dict(overrides) == config()
     checked = 0
-    for bench, out in ((tastes, "tastes"), (learning, "learning")):
+    for bench, out in ((tastes, "tastes"), (learning, "learning"), (ablation, "ablation")):
         for s in bench.specs(6, 3):
             path = REPO / "bench" / "results" / out / f"{s['id']}.json"
             if path.exists():
