@@ -93,7 +93,7 @@ def stale_settings(result: dict, s: dict) -> dict[str, tuple]:
         return {}
     if result.get("method") != s["method"]:
         return {"method": (result.get("method"), s["method"])}
-    ran, asked = result.get("full_config", {}), config_of(s).to_dict()
+    ran, asked = result["full_config"], config_of(s).to_dict()
     return {
         k: (ran[k], asked[k])
         for k in sorted((ran.keys() & asked.keys()) - MEMORY_ONLY)
@@ -196,14 +196,13 @@ def random_labeler(seed: int):
 
 
 def run_one(s: dict, out: Path, model: str | None) -> dict:
-    """Run a spec (or read its cached result) and return the result; a spec whose variant is
-    CONTROL picks at random and is evaluated by its objective."""
+    """Run a spec (or read its cached result) and return the result; a spec with random picks
+    is evaluated by its objective."""
     path = out / f"{s['id']}.json"
     if path.exists():
         return json.loads(path.read_text())
     run = Run.of(s, model)
-    random_picks = s.get("random_picks", s["variant"] == CONTROL)
-    labeler = random_labeler(s["seed"]) if random_picks else None
+    labeler = random_labeler(s["seed"]) if s["random_picks"] else None
     result = run.result(table=run.simulate(load_scorer(s["objective"]), EVAL, labeler=labeler))
     save_result(path, result)
     return result
