@@ -146,9 +146,9 @@ class DiffusionKTOConfig(PickSettings):
         low_open=True,
         high=1e6,
         help="Scale of an image's implicit reward, its denoising error per dimension against "
-        "the reference's: a larger β saturates an image's loss sooner, so a round moves each "
-        "image less. 5000 kept random picks from drifting the model where Diffusion-DPO's "
-        "2500 let them, and learned tastes as well (docs/benchmarks.md §5).",
+        "the reference's: a larger β saturates an image's loss sooner. 5000 learned tastes as "
+        "well as 2500 (Diffusion-DPO's value) and kept random picks within the benchmark's "
+        "band; 10000 learned less and drifted most (docs/benchmarks.md §5).",
     )
     noise_draws: int = setting(
         20,
