@@ -58,8 +58,7 @@ def spec(
     random_picks: bool = False,
 ) -> dict:
     """A run: the same images per round whatever the grid size (grids = 32 / n); with
-    ``random_picks`` (or the variant CONTROL) it picks at random and its objective only
-    scores it."""
+    ``random_picks`` it picks at random and its objective only scores it."""
     return {
         "id": f"{variant}--{objective}--s{seed}",
         "variant": variant,
@@ -69,7 +68,7 @@ def spec(
         "rounds": rounds,
         "config": config or {},
         "settings": settings or {},
-        "random_picks": random_picks or variant == CONTROL,
+        "random_picks": random_picks,
     }
 
 

@@ -34,6 +34,11 @@ def _count_unet_rows(pipe):
     return calls
 
 
+def _adapter_weights(pipe) -> torch.Tensor:
+    """The LoRA's weights as one flat copy."""
+    return torch.cat([p.detach().flatten() for p in lora_parameters(pipe.unet)])
+
+
 def test_round_batches_pair_steps_through_few_unet_calls(pipe, examples):
     config = D3POConfig(epochs=2, batch_size=6)
     items = D3POObjective(examples, config).items()
@@ -89,7 +94,7 @@ def test_a_first_round_is_the_same_whatever_ran_before(pipe, examples):
         remove_lora(pipe.unet)
         torch.manual_seed(before)  # whatever ran before in the process
         d3po_round(pipe, examples, D3POConfig(epochs=1, batch_size=4, seed=seed))
-        trained.append(torch.cat([p.detach().flatten() for p in lora_parameters(pipe.unet)]))
+        trained.append(_adapter_weights(pipe))
     assert torch.equal(trained[0], trained[1])
     assert not torch.allclose(trained[0], trained[2])
     remove_lora(pipe.unet)
@@ -109,13 +114,13 @@ def test_a_round_with_ema_ends_on_the_moving_average_of_its_steps(pipe, examples
 
     def step(self, *args, **kwargs):
         out = adamw_step(self, *args, **kwargs)
-        after_steps.append(torch.cat([p.detach().flatten() for p in lora_parameters(pipe.unet)]))
+        after_steps.append(_adapter_weights(pipe))
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     config = D3POConfig(epochs=2, batch_size=2, learning_rate=1e-2, ema_decay=0.5)
     result = d3po_round(pipe, examples, config)
-    ended = torch.cat([p.detach().flatten() for p in lora_parameters(pipe.unet)])
+    ended = _adapter_weights(pipe)
     assert len(after_steps) == result.metrics["optimizer_steps"] >= 4
     average = after_steps[0].clone()
     for k, weights in enumerate(after_steps[1:], start=1):
