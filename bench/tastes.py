@@ -266,6 +266,28 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "kto-replay-b10000": ("kto", {"replay": True, "beta": 10000.0}),
     # the defaults ending each round on a moving average of the adapter's weights
     "kto-replay-b5000-ema": ("kto", {"replay": True, "beta": 5000.0, "ema_decay": 0.95}),
+    # the same UNet calls and steps, each on its own noise level: 40 draws an image seen once
+    # instead of 20 seen twice
+    "kto-replay-b5000-d40e1": (
+        "kto",
+        {"replay": True, "beta": 5000.0, "noise_draws": 40, "epochs": 1},
+    ),
+    # each image's 20 noise levels one from each twentieth of the schedule
+    "kto-replay-b5000-strat": (
+        "kto",
+        {"replay": True, "beta": 5000.0, "noise_levels": "stratified"},
+    ),
+    # β 5000 with the adapter on the resnets' convolutions too
+    "kto-replay-b5000-conv": ("kto", {"replay": True, "beta": 5000.0, "lora": _CONV_LORA}),
+    # each round's rewards against the adapter as the round starts: a taste's picks push the
+    # same way each round, random picks' pushes need not add up
+    "kto-replay-b5000-prev": ("kto", {"replay": True, "beta": 5000.0, "reference": "previous"}),
+    # the worst images' loss at half weight: less unlearning of the model's own samples
+    "kto-replay-b5000-u0.5": ("kto", {"replay": True, "beta": 5000.0, "undesirable_weight": 0.5}),
+    # a pick's best and worst at the same noise levels: what they share cancels
+    "kto-replay-b5000-pairnoise": ("kto", {"replay": True, "beta": 5000.0, "pair_noise": True}),
+    # the reference between the two: the adapter as the round starts at half strength
+    "kto-replay-b5000-half": ("kto", {"replay": True, "beta": 5000.0, "reference": "halfway"}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

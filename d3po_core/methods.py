@@ -157,6 +157,30 @@ class DiffusionKTOConfig(PickSettings):
         help="Noise levels (t, ε) drawn for each labeled image in a round (20: the UNet calls "
         "of Diffusion-DPO's defaults, 40 a pick).",
     )
+    undesirable_weight: float = setting(
+        1.0,
+        low=0,
+        high=10,
+        help="Weight of a worst image's loss against a best image's (KTO's λ_U/λ_D): below 1 "
+        "the round pushes less away from what was rejected than toward what was chosen.",
+    )
+    pair_noise: bool = setting(
+        False,
+        help="Noise a pick's best and worst image with the same (t, ε) at each draw, as "
+        "Diffusion-DPO does a pair's: what the two images share pushes both ways at once.",
+    )
+    reference: Literal["base", "halfway", "previous"] = setting(
+        "base",
+        help="What an image's reward is measured against: base, the original model; "
+        "previous, the adapter as the round starts (each round a fresh margin); halfway, "
+        "that adapter at half strength.",
+    )
+    noise_levels: Literal["random", "stratified"] = setting(
+        "random",
+        help="How an image's noise levels are drawn: random, each uniform on its own; "
+        "stratified, one from each of noise_draws equal slices of the schedule, so every "
+        "image is judged over all of it.",
+    )
     reference_point: Literal["kl", "mean"] = setting(
         "kl",
         help="What an image's reward is judged against: kl, the batch's mean reward but at "

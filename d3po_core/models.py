@@ -296,6 +296,24 @@ def base_model(unet: torch.nn.Module) -> Iterator[None]:
         set_lora_enabled(unet, True)
 
 
+@contextlib.contextmanager
+def scaled_lora(unet: torch.nn.Module, weight: float) -> Iterator[None]:
+    """Within the block our adapter acts at ``weight`` times its strength: 0 is the base model,
+    1 the adapter as it is, 0.5 halfway between them."""
+    if weight == 1 or not has_lora(unet):
+        yield
+        return
+    if weight == 0:
+        with base_model(unet):
+            yield
+        return
+    unet.set_adapters([ADAPTER_NAME], weights=[weight])
+    try:
+        yield
+    finally:
+        unet.set_adapters([ADAPTER_NAME], weights=[1.0])
+
+
 def side_modules(pipe) -> list[torch.nn.Module]:
     """The pipeline's modules besides the UNet: the VAE and its text encoder(s)."""
     names = ("vae", "text_encoder", "text_encoder_2")

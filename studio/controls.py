@@ -46,6 +46,15 @@ _NOISE_LEVELS_HIDDEN = {
     "timestep_fraction": "the loss trains fresh noise levels of the final images (noise "
     "draws), not the recorded denoising steps",
 }
+#: KTO's benchmark options: each measured on the taste benchmark and left at its default
+_KTO_HIDDEN = {
+    "undesirable_weight": "a benchmark option: at half weight on the worst images every taste "
+    "learned less (docs/benchmarks.md §5)",
+    "pair_noise": "a benchmark option: sharing a pick's noise levels learned less and drifted "
+    "more under random picks (docs/benchmarks.md §5)",
+    "noise_levels": "a benchmark option: stratified noise levels learned as much as random "
+    "ones (docs/benchmarks.md §5)",
+}
 _PREFERENCE_HIDDEN = {
     **_LOOP_HIDDEN,
     "anchor_scope": "a benchmark option: anchoring the pair as a whole learned as little as "
@@ -85,8 +94,8 @@ TRAIN_FORMS: dict[str, TrainForm] = {
     "kto": TrainForm(
         DiffusionKTOConfig,
         ("beta", "learning_rate", "epochs", "replay", "noise_draws"),
-        ("reference_point", *_LOOP_ADVANCED),
-        {**_LOOP_HIDDEN, **_NOISE_LEVELS_HIDDEN},
+        ("reference", "reference_point", *_LOOP_ADVANCED),
+        {**_LOOP_HIDDEN, **_NOISE_LEVELS_HIDDEN, **_KTO_HIDDEN},
     ),
 }
 DEFAULT_METHOD = settings.DEFAULT_METHOD

@@ -3,6 +3,8 @@ and Diffusion-KTO's per-image objective on the same picks."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from d3po_core.methods import DiffusionDPOConfig, DiffusionKTOConfig
@@ -95,3 +97,89 @@ def test_kto_judges_images_against_its_reference_point(monkeypatch):
         assert torch.allclose(terms["reference_point"], torch.full((4,), z))
         assert torch.allclose(terms["loss"], 1 - torch.sigmoid(margin))
         assert terms["accuracy"].tolist() == right
+
+
+def test_stratified_noise_levels_take_one_from_each_slice():
+    """``stratum=(d, D)`` draws from the d-th of D equal-probability slices: uniform slices of
+    the schedule at bias 0, slices of the biased density otherwise."""
+    gen = torch.Generator().manual_seed(0)
+    for d in range(20):
+        for _ in range(50):
+            t = int(noise_level(gen, 1000, 0.0, stratum=(d, 20)))
+            assert 50 * d <= t < 50 * (d + 1)
+    # at bias 2, t/T = s^(1/3): the first of 8 slices ends at (1/8)^(1/3) = 0.5
+    biased = [int(noise_level(gen, 1000, 2.0, stratum=(0, 8))) for _ in range(200)]
+    assert max(biased) < 500 and min(biased) >= 0
+
+
+def _kto_draws(monkeypatch, config: DiffusionKTOConfig, items) -> tuple[list, list]:
+    """The timesteps and noises a KTO objective draws for ``items`` (no UNet call)."""
+    seen: dict[str, list] = {}
+
+    def recording(pipe, latents, noise, timesteps, cond):
+        seen.update(noise=noise, timesteps=[int(t) for t in timesteps])
+        return torch.zeros(len(latents))
+
+    monkeypatch.setattr(diffusion_dpo, "denoising_error", recording)
+    trajectory = SimpleNamespace(latents=torch.randn(4, 3, 4, 8, 8), cond=[SimpleNamespace()])
+    objective = KTOObjective([], config)
+    objective.trajectories = [trajectory]
+    pipe = SimpleNamespace(
+        scheduler=SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000))
+    )
+    objective._errors(pipe, Batch(key=(), items=items))
+    return seen["timesteps"], seen["noise"]
+
+
+def test_kto_noise_draws_per_image(monkeypatch):
+    """By default a pick's best and worst image each draw their own (t, ε); with pair_noise
+    they share each draw's, as a Diffusion-DPO pair does; with stratified noise levels an
+    image's draws cover the schedule one slice each."""
+    items = [(0, image, image, d, sign) for image, sign in ((0, 1), (3, -1)) for d in range(10)]
+    ts, noise = _kto_draws(monkeypatch, DiffusionKTOConfig(noise_draws=10), items)
+    assert ts[:10] != ts[10:] and not torch.equal(noise[0], noise[10])
+    ts, noise = _kto_draws(monkeypatch, DiffusionKTOConfig(noise_draws=10, pair_noise=True), items)
+    assert ts[:10] == ts[10:]
+    assert all(torch.equal(noise[d], noise[10 + d]) for d in range(10))
+    config = DiffusionKTOConfig(noise_draws=10, noise_levels="stratified")
+    ts, _ = _kto_draws(monkeypatch, config, items)
+    for image in (ts[:10], ts[10:]):
+        assert [t // 100 for t in image] == list(range(10))
+
+
+def test_kto_weighs_the_undesirable_images(monkeypatch):
+    """undesirable_weight scales the worst images' loss and leaves the best images'."""
+    items = [(0, 0, 0, 0, 1), (0, 1, 1, 0, -1)]
+    batch = Batch(key=(), items=items, cache={"ref_1": torch.zeros(2)})
+    errors = torch.tensor([-1e-4, 1e-4])
+    losses = {}
+    for weight in (1.0, 0.25):
+        objective = KTOObjective([], DiffusionKTOConfig(undesirable_weight=weight))
+        monkeypatch.setattr(objective, "_errors", lambda pipe, batch: (errors,))
+        losses[weight] = objective.terms(None, batch)["loss"]
+    assert losses[0.25][0] == losses[1.0][0] > 0
+    assert torch.isclose(losses[0.25][1], 0.25 * losses[1.0][1]) and losses[1.0][1] > 0
+
+
+def test_kto_reference_policies(pipe, tmp_path):
+    """The reference errors a round caches: the base model's ("base"), the adapter's as the
+    round starts ("previous": the first step's rewards are 0) or that adapter's at half
+    strength ("halfway"), and the adapter is back at full strength after."""
+    remove_lora(pipe.unet)
+    with Session.open(tmp_path / "s") as session:
+        examples = circle_picks(pipe, session)
+        train_round(pipe, session, DiffusionKTOConfig(epochs=1, noise_draws=2))
+        cached, errors = {}, []
+        for reference in ("base", "halfway", "previous"):
+            config = DiffusionKTOConfig(noise_draws=2, reference=reference)
+            objective = KTOObjective(examples, config)
+            batch = Batch(key=(), items=objective.items()[:8])
+            with torch.no_grad():
+                objective.prepare(pipe, [batch])
+                cached[reference] = batch.cache["ref_1"]
+                errors.append(objective._errors(pipe, batch)[0])  # the policy's, as it trains
+    assert all(torch.allclose(e, errors[0]) for e in errors)  # full strength after each
+    assert torch.allclose(cached["previous"], errors[0])
+    assert not torch.allclose(cached["base"], errors[0])
+    assert not torch.allclose(cached["halfway"], cached["base"])
+    assert not torch.allclose(cached["halfway"], cached["previous"])

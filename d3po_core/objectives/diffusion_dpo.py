@@ -22,19 +22,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models import base_model
+from ..models import scaled_lora
 from ..rounds import Batch, Objective
 from .d3po import anchor_penalty, pick_pairs
 from .implicit import denoising_error
 
 
-def noise_level(gen: torch.Generator, num_train: int, bias: float) -> torch.Tensor:
+def noise_level(
+    gen: torch.Generator, num_train: int, bias: float, stratum: tuple[int, int] | None = None
+) -> torch.Tensor:
     """A training timestep, 0-d: uniform over the schedule when ``bias`` is 0, else with
-    t/T of density (1 + bias)·s^bias, toward the noisy end."""
-    if bias == 0:
+    t/T of density (1 + bias)·s^bias, toward the noisy end. ``stratum=(d, D)`` draws it from
+    the d-th of D equal-probability slices of that density, so D draws cover it evenly."""
+    if bias == 0 and stratum is None:
         return torch.randint(0, num_train, (), generator=gen)
     u = torch.rand((), generator=gen, dtype=torch.float64)
+    if stratum is not None:
+        u = (stratum[0] + u) / stratum[1]
     return (num_train * u ** (1.0 / (1.0 + bias))).long().clamp(max=num_train - 1)
+
+
+#: the adapter's strength in each reference policy (the adapter as the round starts)
+_REFERENCE_WEIGHT = {"base": 0.0, "halfway": 0.5, "previous": 1.0}
 
 
 class DiffusionDPOObjective(Objective):
@@ -49,6 +58,11 @@ class DiffusionDPOObjective(Objective):
     def _bias(self) -> float:
         """The noise levels' lean toward the noisy end (``timestep_bias``)."""
         return self.config.timestep_bias
+
+    @property
+    def _stratified(self) -> bool:
+        """Each image's draws cover the noise levels evenly (``noise_levels``)."""
+        return getattr(self.config, "noise_levels", "random") == "stratified"
 
     def items(self) -> list[tuple[int, int, int, int]]:
         return [
@@ -70,18 +84,24 @@ class DiffusionDPOObjective(Objective):
                 e, d = item[0], item[3]
                 traj = self.trajectories[e]
                 final = traj.latents[:, -1]
-                key = (self.config.seed, e, item[1], item[2], d)
+                key = self._noise_key(item)
                 gen = torch.Generator().manual_seed(hash(key) % 2**62)
                 latents.append(final[item[side]])
                 noise.append(torch.randn(final.shape[1:], generator=gen))
-                ts.append(noise_level(gen, num_train, self._bias))
+                stratum = (d, self.config.noise_draws) if self._stratified else None
+                ts.append(noise_level(gen, num_train, self._bias, stratum))
                 cond.append(traj.cond[0])
         return denoising_error(pipe, latents, noise, ts, cond).chunk(len(sides))
+
+    def _noise_key(self, item: tuple) -> tuple:
+        """What seeds an item's (t, ε): the round's seed, the pick, the images, the draw."""
+        return (self.config.seed, item[0], item[1], item[2], item[3])
 
     def prepare(self, pipe, batches: list[Batch]) -> None:
         """The reference's errors, once, before any update: ``ref_1`` (the winner's, or the
         one image's) and ``ref_2`` (the loser's), a row an item."""
-        with base_model(pipe.unet):
+        reference = getattr(self.config, "reference", "base")
+        with scaled_lora(pipe.unet, _REFERENCE_WEIGHT[reference]):
             for batch in batches:
                 for side, errors in enumerate(self._errors(pipe, batch), start=1):
                     batch.cache[f"ref_{side}"] = errors
@@ -155,6 +175,12 @@ class KTOObjective(DiffusionDPOObjective):
             for d in range(self.config.noise_draws)
         ]
 
+    def _noise_key(self, item: tuple) -> tuple:
+        """With ``pair_noise`` a pick's best and worst share each draw's (t, ε)."""
+        if self.config.pair_noise:
+            return (self.config.seed, item[0], -1, -1, item[3])
+        return super()._noise_key(item)
+
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
         (err,) = self._errors(pipe, batch)
         half = 0.5 * self.config.beta
@@ -164,8 +190,9 @@ class KTOObjective(DiffusionDPOObjective):
             z = z.clamp(min=0)
         sign = torch.tensor([item[4] for item in batch.items], dtype=reward.dtype)
         margin = sign.to(reward.device) * (reward - z)
+        weight = torch.where(sign > 0, 1.0, self.config.undesirable_weight).to(reward)
         return {
-            "loss": 1 - torch.sigmoid(margin),
+            "loss": weight * (1 - torch.sigmoid(margin)),
             "accuracy": (margin > 0).float(),
             "mean_delta": margin,
             "kl": 0.5 * reward**2,
