@@ -288,6 +288,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "kto-replay-b5000-pairnoise": ("kto", {"replay": True, "beta": 5000.0, "pair_noise": True}),
     # the reference between the two: the adapter as the round starts at half strength
     "kto-replay-b5000-half": ("kto", {"replay": True, "beta": 5000.0, "reference": "halfway"}),
+    # and at twice the weight, the other way
+    "kto-replay-b5000-u2": ("kto", {"replay": True, "beta": 5000.0, "undesirable_weight": 2.0}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

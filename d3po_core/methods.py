@@ -161,25 +161,27 @@ class DiffusionKTOConfig(PickSettings):
         1.0,
         low=0,
         high=10,
-        help="Weight of a worst image's loss against a best image's (KTO's λ_U/λ_D): below 1 "
-        "the round pushes less away from what was rejected than toward what was chosen.",
+        help="Weight of a worst image's loss against a best image's (KTO's λ_U/λ_D). At 0.5 "
+        "every taste learned less, at 2 detail collapsed on a seed (docs/benchmarks.md §5).",
     )
     pair_noise: bool = setting(
         False,
         help="Noise a pick's best and worst image with the same (t, ε) at each draw, as "
-        "Diffusion-DPO does a pair's: what the two images share pushes both ways at once.",
+        "Diffusion-DPO does a pair's; it learned less and drifted more under random picks "
+        "(docs/benchmarks.md §5).",
     )
     reference: Literal["base", "halfway", "previous"] = setting(
         "base",
         help="What an image's reward is measured against: base, the original model; "
-        "previous, the adapter as the round starts (each round a fresh margin); halfway, "
-        "that adapter at half strength.",
+        "previous, the adapter as the round starts (each round a fresh margin: colour and "
+        "contrast learned most, detail collapsed on a seed and random picks moved it); "
+        "halfway, that adapter at half strength (learned as base did).",
     )
     noise_levels: Literal["random", "stratified"] = setting(
         "random",
         help="How an image's noise levels are drawn: random, each uniform on its own; "
-        "stratified, one from each of noise_draws equal slices of the schedule, so every "
-        "image is judged over all of it.",
+        "stratified, one from each of noise_draws equal slices of the schedule (it learned "
+        "as much, docs/benchmarks.md §5).",
     )
     reference_point: Literal["kl", "mean"] = setting(
         "kl",
