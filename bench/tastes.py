@@ -290,6 +290,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "kto-replay-b5000-half": ("kto", {"replay": True, "beta": 5000.0, "reference": "halfway"}),
     # and at twice the weight, the other way
     "kto-replay-b5000-u2": ("kto", {"replay": True, "beta": 5000.0, "undesirable_weight": 2.0}),
+    # a fresh margin each round, at half the step size: smaller moves a round
+    "kto-replay-b5000-prev-lr5e-4": (
+        "kto",
+        {"replay": True, "beta": 5000.0, "reference": "previous", "learning_rate": 5e-4},
+    ),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

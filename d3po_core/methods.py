@@ -174,7 +174,7 @@ class DiffusionKTOConfig(PickSettings):
         "base",
         help="What an image's reward is measured against: base, the original model; "
         "previous, the adapter as the round starts (each round a fresh margin: colour and "
-        "contrast learned most, detail collapsed on a seed and random picks moved it); "
+        "contrast learned more, detail collapsed on a seed and random picks moved it); "
         "halfway, that adapter at half strength (learned as base did).",
     )
     noise_levels: Literal["random", "stratified"] = setting(
