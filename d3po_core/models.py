@@ -296,6 +296,11 @@ def base_model(unet: torch.nn.Module) -> Iterator[None]:
         set_lora_enabled(unet, True)
 
 
+#: the adapter's strength in each reference policy a round can take (the adapter as the round
+#: starts: "previous"; the original model: "base")
+REFERENCE_WEIGHT = {"base": 0.0, "halfway": 0.5, "previous": 1.0}
+
+
 @contextlib.contextmanager
 def scaled_lora(unet: torch.nn.Module, weight: float) -> Iterator[None]:
     """Within the block our adapter acts at ``weight`` times its strength: 0 is the base model,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import SettingsError
 from ..methods import PairMode, Reduction
-from ..models import set_lora_enabled
+from ..models import REFERENCE_WEIGHT, scaled_lora
 from ..rounds import (
     Batch,
     Objective,
@@ -163,12 +163,9 @@ class D3POObjective(Objective):
 
     def prepare(self, pipe, batches: list[Batch]) -> None:
         """Reference log-probs, once, before any update."""
-        set_lora_enabled(pipe.unet, self.config.reference == "previous")
-        try:
+        with scaled_lora(pipe.unet, REFERENCE_WEIGHT[self.config.reference]):
             for batch in batches:
                 batch.cache["ref_w"], batch.cache["ref_l"] = self._log_probs(pipe, batch)
-        finally:
-            set_lora_enabled(pipe.unet, True)
 
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
         logp_w, logp_l = self._log_probs(pipe, batch)

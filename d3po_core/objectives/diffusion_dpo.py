@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models import scaled_lora
+from ..models import REFERENCE_WEIGHT, scaled_lora
 from ..rounds import Batch, Objective
 from .d3po import anchor_penalty, pick_pairs
 from .implicit import denoising_error
@@ -42,10 +42,6 @@ def noise_level(
     return (num_train * u ** (1.0 / (1.0 + bias))).long().clamp(max=num_train - 1)
 
 
-#: the adapter's strength in each reference policy (the adapter as the round starts)
-_REFERENCE_WEIGHT = {"base": 0.0, "halfway": 0.5, "previous": 1.0}
-
-
 class DiffusionDPOObjective(Objective):
     """(example, winner, loser, draw) items of the picks, scored by the noise-level loss."""
 
@@ -59,10 +55,8 @@ class DiffusionDPOObjective(Objective):
         """The noise levels' lean toward the noisy end (``timestep_bias``)."""
         return self.config.timestep_bias
 
-    @property
-    def _stratified(self) -> bool:
-        """Each image's draws cover the noise levels evenly (``noise_levels``)."""
-        return getattr(self.config, "noise_levels", "random") == "stratified"
+    _stratified = False  # each draw's noise level uniform on its own (KTO: a setting)
+    _reference = "base"  # the reference policy (KTO: a setting)
 
     def items(self) -> list[tuple[int, int, int, int]]:
         return [
@@ -79,6 +73,7 @@ class DiffusionDPOObjective(Objective):
         num_train = pipe.scheduler.config.num_train_timesteps
         latents, noise, ts, cond = [], [], [], []
         sides = range(1, self.sides + 1)
+        slices = self.config.noise_draws if self._stratified else 0  # draw d from slice d
         for side in sides:
             for item in batch.items:
                 e, d = item[0], item[3]
@@ -88,7 +83,7 @@ class DiffusionDPOObjective(Objective):
                 gen = torch.Generator().manual_seed(hash(key) % 2**62)
                 latents.append(final[item[side]])
                 noise.append(torch.randn(final.shape[1:], generator=gen))
-                stratum = (d, self.config.noise_draws) if self._stratified else None
+                stratum = (d, slices) if slices else None
                 ts.append(noise_level(gen, num_train, self._bias, stratum))
                 cond.append(traj.cond[0])
         return denoising_error(pipe, latents, noise, ts, cond).chunk(len(sides))
@@ -100,8 +95,7 @@ class DiffusionDPOObjective(Objective):
     def prepare(self, pipe, batches: list[Batch]) -> None:
         """The reference's errors, once, before any update: ``ref_1`` (the winner's, or the
         one image's) and ``ref_2`` (the loser's), a row an item."""
-        reference = getattr(self.config, "reference", "base")
-        with scaled_lora(pipe.unet, _REFERENCE_WEIGHT[reference]):
+        with scaled_lora(pipe.unet, REFERENCE_WEIGHT[self._reference]):
             for batch in batches:
                 for side, errors in enumerate(self._errors(pipe, batch), start=1):
                     batch.cache[f"ref_{side}"] = errors
@@ -162,6 +156,16 @@ class KTOObjective(DiffusionDPOObjective):
 
     sides = 1
     _bias = 0.0  # uniform noise levels, as in the paper
+
+    @property
+    def _stratified(self) -> bool:
+        """Each image's draws cover the noise levels evenly (``noise_levels``)."""
+        return self.config.noise_levels == "stratified"
+
+    @property
+    def _reference(self) -> str:
+        """The policy an image's reward is measured against (``reference``)."""
+        return self.config.reference
 
     def items(self) -> list[tuple[int, int, int, int, int]]:
         labeled = sorted(
