@@ -295,6 +295,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "kto",
         {"replay": True, "beta": 5000.0, "reference": "previous", "learning_rate": 5e-4},
     ),
+    # a cosine step size over each round (warm-up, then down to 0): the last steps, which
+    # decide where a round ends, move the adapter least; at the default peak, and at twice it
+    # (the same mean step as the default)
+    "kto-replay-b5000-cos": ("kto", {"replay": True, "beta": 5000.0, "lr_schedule": "cosine"}),
+    "kto-replay-b5000-cos-lr2e-3": (
+        "kto",
+        {"replay": True, "beta": 5000.0, "lr_schedule": "cosine", "learning_rate": 2e-3},
+    ),
+    # each image judged by the guided prediction the grids are drawn with (guidance 2 on the
+    # embedded model), not by the conditional branch alone
+    "kto-replay-b5000-cfg": ("kto", {"replay": True, "beta": 5000.0, "guided_loss": True}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

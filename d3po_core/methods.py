@@ -183,6 +183,12 @@ class DiffusionKTOConfig(PickSettings):
         "stratified, one from each of noise_draws equal slices of the schedule (it learned "
         "as much, docs/benchmarks.md §5).",
     )
+    guided_loss: bool = setting(
+        False,
+        help="Judge an image by the sampler's prediction, classifier-free guided at the scale "
+        "its grid was drawn with, instead of the conditional branch alone (as the paper): the "
+        "loss then scores the denoiser the grids come from, at twice the UNet rows.",
+    )
     reference_point: Literal["kl", "mean"] = setting(
         "kl",
         help="What an image's reward is judged against: kl, the batch's mean reward but at "

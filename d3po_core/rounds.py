@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Sampler
 
@@ -35,6 +36,9 @@ from .memory import MemoryPlan, plan_round
 from .models import add_lora, has_lora, lora_parameters, offloaded, set_lora_enabled
 from .sampling import Trajectory, ddim_step, guided_model_output
 from .settings import RoundSettings
+
+#: share of a round's optimizer steps over which a scheduled step size warms up from 0
+_WARMUP = 0.1
 
 
 @dataclass
@@ -428,6 +432,13 @@ def run_round(
         ema = None if config.ema_decay is None else EMAModel(params, decay=config.ema_decay)
         length = len(loader)
         total = _records(length, config.epochs, config.grad_accum)
+        steps = math.ceil(length / config.grad_accum) if length else 0
+        schedule = get_scheduler(
+            config.lr_schedule,
+            optimizer,
+            num_warmup_steps=math.ceil(_WARMUP * steps),  # unused by constant
+            num_training_steps=steps,
+        )
         window: list[dict[str, torch.Tensor]] = []
         final: list[dict[str, torch.Tensor]] = []
         norms: list[float] = []
@@ -459,12 +470,15 @@ def run_round(
                     final.append(detached)
                 if accelerator.sync_gradients:
                     norms.append(float(accelerator.clip_grad_norm_(params, config.max_grad_norm)))
+                lr = optimizer.param_groups[0]["lr"]  # the step size this update took
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if ema is not None and accelerator.sync_gradients:
-                    ema.step(params)
+                if accelerator.sync_gradients:
+                    schedule.step()
+                    if ema is not None:
+                        ema.step(params)
             if accelerator.sync_gradients or _epoch(j + 1, length, config.epochs) != epoch:
-                record = {"step": len(history) + 1, "epoch": epoch}
+                record = {"step": len(history) + 1, "epoch": epoch, "lr": lr}
                 for k in window[0]:
                     record[k] = float(torch.cat([w[k] for w in window]).double().mean())
                 history.append(record)

@@ -300,6 +300,12 @@ class RoundSettings(Settings):
     max_grad_norm: float = setting(
         1.0, low=0, low_open=True, help="Gradient clipping norm of an optimizer step."
     )
+    lr_schedule: Literal["constant", "cosine"] = setting(
+        "constant",
+        help="How the step size runs over a round: constant, or cosine (diffusers' schedule: "
+        "up from 0 over the first tenth of the optimizer steps, then down to 0 at the "
+        "round's end, so its last steps move the adapter least).",
+    )
     ema_decay: float | None = setting(
         None,
         low=0,

@@ -13,8 +13,8 @@ from d3po_core.objectives import diffusion_dpo
 from d3po_core.objectives.d3po import Example
 from d3po_core.objectives.diffusion_dpo import DiffusionDPOObjective, KTOObjective, noise_level
 from d3po_core.objectives.implicit import image_rewards
-from d3po_core.rounds import Batch, run_round
-from d3po_core.sampling import sample_grid
+from d3po_core.rounds import Batch, make_batches, run_round
+from d3po_core.sampling import guided_model_output, sample_grid
 from d3po_core.session import Session
 from d3po_core.workflow import train_round
 
@@ -183,3 +183,33 @@ def test_kto_reference_policies(pipe, tmp_path):
     assert not torch.allclose(cached["base"], errors[0])
     assert not torch.allclose(cached["halfway"], cached["base"])
     assert not torch.allclose(cached["halfway"], cached["previous"])
+
+
+def test_kto_guided_loss_scores_the_sampler_s_guided_prediction(pipe):
+    """guided_loss: an image's denoising error is that of the classifier-free guided
+    prediction at its grid's guidance (5 in FAST), as the sampler denoises, at two UNet rows
+    an item; off, that of the conditional branch alone."""
+    remove_lora(pipe.unet)
+    grids = [sample_grid(pipe, "a red circle", FAST, seed=10 * i) for i in range(2)]
+    examples = [Example(g.trajectory, best=0, worst=3) for g in grids]
+    errors, rows = {}, {}
+    for guided in (False, True):
+        objective = KTOObjective(examples, DiffusionKTOConfig(noise_draws=2, guided_loss=guided))
+        (batch,) = make_batches(objective.trajectories, objective.items(), 8, 0)
+        with torch.no_grad():
+            (errors[guided],) = objective._errors(pipe, batch)
+        rows[guided] = objective.rows_per_item()
+    assert rows == {False: 1, True: 2}
+    # the guided prediction by hand, for the first item
+    e, image, _, d, _ = batch.items[0]
+    traj = examples[e].trajectory
+    gen = torch.Generator().manual_seed(hash(objective._noise_key(batch.items[0])) % 2**62)
+    final = traj.latents[:, -1]
+    eps = torch.randn(final.shape[1:], generator=gen)
+    t = noise_level(gen, pipe.scheduler.config.num_train_timesteps, 0.0).view(1)
+    noisy = pipe.scheduler.add_noise(final[image : image + 1], eps[None], t)
+    with torch.no_grad():
+        pred = guided_model_output(pipe.unet, noisy, t, traj.cond, traj.uncond, FAST.guidance)
+    expected = float(((pred - eps) ** 2).mean())
+    assert abs(float(errors[True][0]) - expected) < 1e-5 * max(expected, 1)
+    assert abs(float(errors[False][0]) - expected) > 1e-3 * expected

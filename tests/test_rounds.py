@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -128,6 +129,35 @@ def test_a_round_with_ema_ends_on_the_moving_average_of_its_steps(pipe, examples
         average = decay * average + (1 - decay) * weights
     assert torch.allclose(ended, average, atol=1e-6)
     assert not torch.allclose(ended, after_steps[-1], atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_round_takes_its_step_sizes_from_its_schedule(pipe, examples, monkeypatch, schedule):
+    """lr_schedule: constant steps at the learning rate, or cosine: up from 0 over the first
+    tenth of the optimizer steps, then down to 0 at the round's end; the history records the
+    step size each update took."""
+    taken = []
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        taken.append(self.param_groups[0]["lr"])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    config = D3POConfig(epochs=2, batch_size=2, learning_rate=1e-3, lr_schedule=schedule)
+    result = d3po_round(pipe, examples, config)
+    n = result.metrics["optimizer_steps"]
+    assert len(taken) == n >= 10
+    assert [h["lr"] for h in result.history] == pytest.approx(taken)
+    if schedule == "constant":
+        assert taken == pytest.approx([1e-3] * n)
+        return
+    warm = math.ceil(0.1 * n)
+    expected = [1e-3 * k / warm for k in range(warm)] + [
+        1e-3 * 0.5 * (1 + math.cos(math.pi * (k - warm) / (n - warm))) for k in range(warm, n)
+    ]
+    assert taken == pytest.approx(expected)
+    assert taken[0] == 0 and max(taken) == pytest.approx(1e-3) and taken[-1] < 0.05 * 1e-3
 
 
 def test_cancel_restores_the_adapter(pipe, examples):

@@ -71,7 +71,10 @@ class DiffusionDPOObjective(Objective):
         fixed by its index and the round's seed, so every pass sees the same ones and both
         sides share them."""
         num_train = pipe.scheduler.config.num_train_timesteps
-        latents, noise, ts, cond = [], [], [], []
+        latents, noise, ts, cond, uncond = [], [], [], [], []
+        # a batch's key: (steps, guidance, eta, has a negative prompt), shared by its items
+        guided = self.guided and batch.key[3] and batch.key[1] > 1
+        guidance = batch.key[1] if guided else 1.0
         sides = range(1, self.sides + 1)
         slices = self.config.noise_draws if self._stratified else 0  # draw d from slice d
         for side in sides:
@@ -86,7 +89,10 @@ class DiffusionDPOObjective(Objective):
                 stratum = (d, slices) if slices else None
                 ts.append(noise_level(gen, num_train, self._bias, stratum))
                 cond.append(traj.cond[0])
-        return denoising_error(pipe, latents, noise, ts, cond).chunk(len(sides))
+                if guided:
+                    uncond.append(traj.uncond[0])
+        errors = denoising_error(pipe, latents, noise, ts, cond, uncond or None, guidance)
+        return errors.chunk(len(sides))
 
     def _noise_key(self, item: tuple) -> tuple:
         """What seeds an item's (t, ε): the round's seed, the pick, the images, the draw."""
@@ -166,6 +172,11 @@ class KTOObjective(DiffusionDPOObjective):
     def _reference(self) -> str:
         """The policy an image's reward is measured against (``reference``)."""
         return self.config.reference
+
+    @property
+    def guided(self) -> bool:
+        """Whether an image is judged by the sampler's guided prediction (``guided_loss``)."""
+        return self.config.guided_loss
 
     def items(self) -> list[tuple[int, int, int, int, int]]:
         labeled = sorted(

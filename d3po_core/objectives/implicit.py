@@ -33,10 +33,14 @@ def denoising_error(
     noise: list[torch.Tensor],
     timesteps: list[torch.Tensor],
     cond: list[Cond],
+    uncond: list[Cond] | None = None,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
-    """Per-item mean squared error of the UNet's (unguided) prediction on noised latents, in
-    one UNet call; item i is ``latents[i]`` noised with ``noise[i]`` to ``timesteps[i]`` (a
-    0-d tensor), prompted by ``cond[i]`` (a trajectory's ``cond[0]``)."""
+    """Per-item mean squared error of the UNet's prediction on noised latents, in one UNet
+    call; item i is ``latents[i]`` noised with ``noise[i]`` to ``timesteps[i]`` (a 0-d
+    tensor), prompted by ``cond[i]`` (a trajectory's ``cond[0]``). The prediction is the
+    conditional branch's, or with ``uncond`` rows and ``guidance`` > 1 the classifier-free
+    guided one, as the sampler takes it."""
     device = pipe.unet.device
     latents, noise, timesteps = (
         torch.stack(part).to(device) for part in (latents, noise, timesteps)
@@ -48,7 +52,8 @@ def denoising_error(
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    pred = guided_model_output(pipe.unet, noisy, timesteps, cond, None, 1.0)
+    uncond = None if uncond is None else Cond.stack(uncond).to(device)
+    pred = guided_model_output(pipe.unet, noisy, timesteps, cond, uncond, guidance)
     return F.mse_loss(pred, target.float(), reduction="none").flatten(1).mean(1)
 
 
