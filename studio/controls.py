@@ -27,6 +27,7 @@ _LOOP_ADVANCED = (
     "batch_size",
     "grad_accum",
     "max_grad_norm",
+    "lr_schedule",
     "ema_decay",
     "mixed_precision",
     "gradient_checkpointing",
@@ -54,6 +55,8 @@ _KTO_HIDDEN = {
     "more under random picks (docs/benchmarks.md §5)",
     "noise_levels": "a benchmark option: stratified noise levels learned as much as random "
     "ones (docs/benchmarks.md §5)",
+    "guided_loss": "a benchmark option: judging images by the guided prediction is measured "
+    "on the taste benchmark (docs/benchmarks.md §5)",
 }
 _PREFERENCE_HIDDEN = {
     **_LOOP_HIDDEN,

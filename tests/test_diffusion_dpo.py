@@ -41,9 +41,9 @@ def _round_timesteps(pipe, examples, monkeypatch, **config) -> torch.Tensor:
     seen = []
     original = diffusion_dpo.denoising_error
 
-    def recording(pipe, latents, noise, timesteps, cond):
+    def recording(pipe, latents, noise, timesteps, *conditioning):
         seen.append(torch.stack(timesteps))
-        return original(pipe, latents, noise, timesteps, cond)
+        return original(pipe, latents, noise, timesteps, *conditioning)
 
     monkeypatch.setattr(diffusion_dpo, "denoising_error", recording)
     objective = DiffusionDPOObjective(examples, DiffusionDPOConfig(epochs=1, **config))
@@ -116,7 +116,7 @@ def _kto_draws(monkeypatch, config: DiffusionKTOConfig, items) -> tuple[list, li
     """The timesteps and noises a KTO objective draws for ``items`` (no UNet call)."""
     seen: dict[str, list] = {}
 
-    def recording(pipe, latents, noise, timesteps, cond):
+    def recording(pipe, latents, noise, timesteps, *conditioning):
         seen.update(noise=noise, timesteps=[int(t) for t in timesteps])
         return torch.zeros(len(latents))
 
