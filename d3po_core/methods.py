@@ -187,7 +187,8 @@ class DiffusionKTOConfig(PickSettings):
         False,
         help="Judge an image by the sampler's prediction, classifier-free guided at the scale "
         "its grid was drawn with, instead of the conditional branch alone (as the paper): the "
-        "loss then scores the denoiser the grids come from, at twice the UNet rows.",
+        "loss then scores the denoiser the grids come from, at twice the UNet rows. It learned "
+        "less on the taste benchmark (docs/benchmarks.md §5).",
     )
     reference_point: Literal["kl", "mean"] = setting(
         "kl",

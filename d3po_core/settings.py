@@ -304,7 +304,8 @@ class RoundSettings(Settings):
         "constant",
         help="How the step size runs over a round: constant, or cosine (diffusers' schedule: "
         "up from 0 over the first tenth of the optimizer steps, then down to 0 at the "
-        "round's end, so its last steps move the adapter least).",
+        "round's end, so its last steps move the adapter least). On the taste benchmark it "
+        "learned less at the same peak and drifted more at twice it (docs/benchmarks.md §5).",
     )
     ema_decay: float | None = setting(
         None,

@@ -55,8 +55,8 @@ _KTO_HIDDEN = {
     "more under random picks (docs/benchmarks.md §5)",
     "noise_levels": "a benchmark option: stratified noise levels learned as much as random "
     "ones (docs/benchmarks.md §5)",
-    "guided_loss": "a benchmark option: judging images by the guided prediction is measured "
-    "on the taste benchmark (docs/benchmarks.md §5)",
+    "guided_loss": "a benchmark option: judging images by the guided prediction learned less, "
+    "at twice the UNet rows (docs/benchmarks.md §5)",
 }
 _PREFERENCE_HIDDEN = {
     **_LOOP_HIDDEN,
