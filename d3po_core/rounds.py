@@ -432,7 +432,7 @@ def run_round(
         ema = None if config.ema_decay is None else EMAModel(params, decay=config.ema_decay)
         length = len(loader)
         total = _records(length, config.epochs, config.grad_accum)
-        steps = math.ceil(length / config.grad_accum) if length else 0
+        steps = math.ceil(length / config.grad_accum)
         schedule = get_scheduler(
             config.lr_schedule,
             optimizer,

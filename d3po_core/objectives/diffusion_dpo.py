@@ -72,9 +72,9 @@ class DiffusionDPOObjective(Objective):
         sides share them."""
         num_train = pipe.scheduler.config.num_train_timesteps
         latents, noise, ts, cond, uncond = [], [], [], [], []
-        # a batch's key: (steps, guidance, eta, has a negative prompt), shared by its items
-        guided = self.guided and batch.key[3] and batch.key[1] > 1
-        guidance = batch.key[1] if guided else 1.0
+        # the grids' guidance (a batch's key: steps, guidance, eta, negative prompt); whether
+        # it applies is guided_model_output's rule, as in sampling
+        guidance = batch.key[1] if self.guided else 1.0
         sides = range(1, self.sides + 1)
         slices = self.config.noise_draws if self._stratified else 0  # draw d from slice d
         for side in sides:
@@ -89,7 +89,7 @@ class DiffusionDPOObjective(Objective):
                 stratum = (d, slices) if slices else None
                 ts.append(noise_level(gen, num_train, self._bias, stratum))
                 cond.append(traj.cond[0])
-                if guided:
+                if self.guided and traj.uncond is not None:
                     uncond.append(traj.uncond[0])
         errors = denoising_error(pipe, latents, noise, ts, cond, uncond or None, guidance)
         return errors.chunk(len(sides))
