@@ -306,6 +306,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # each image judged by the guided prediction the grids are drawn with (guidance 2 on the
     # embedded model), not by the conditional branch alone
     "kto-replay-b5000-cfg": ("kto", {"replay": True, "beta": 5000.0, "guided_loss": True}),
+    # each image judged against its own grid's mean reward at the same noise level (a group
+    # baseline, as GRPO's) instead of the batch's: what a prompt's four images share cancels
+    "kto-replay-b5000-grid": ("kto", {"replay": True, "beta": 5000.0, "reference_point": "grid"}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

@@ -190,12 +190,14 @@ class DiffusionKTOConfig(PickSettings):
         "loss then scores the denoiser the grids come from, at twice the UNet rows. It learned "
         "less on the taste benchmark (docs/benchmarks.md §5).",
     )
-    reference_point: Literal["kl", "mean"] = setting(
+    reference_point: Literal["kl", "mean", "grid"] = setting(
         "kl",
         help="What an image's reward is judged against: kl, the batch's mean reward but at "
         "least 0 (KTO's estimate of how far the model moved); mean, the batch's mean reward "
         "as it is, so a model that gets worse at everything gains nothing. mean learned "
-        "colour and contrast a little more and detail far less (docs/benchmarks.md §5).",
+        "colour and contrast a little more and detail far less (docs/benchmarks.md §5); "
+        "grid, the mean reward of the image's own grid at the same noise level (a group "
+        "baseline: what a prompt's images share cancels), at about twice a round's time.",
     )
 
 

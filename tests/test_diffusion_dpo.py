@@ -3,12 +3,14 @@ and Diffusion-KTO's per-image objective on the same picks."""
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import torch
 
+from d3po_core.families import Cond
 from d3po_core.methods import DiffusionDPOConfig, DiffusionKTOConfig
-from d3po_core.models import remove_lora
+from d3po_core.models import base_model, remove_lora
 from d3po_core.objectives import diffusion_dpo
 from d3po_core.objectives.d3po import Example
 from d3po_core.objectives.diffusion_dpo import DiffusionDPOObjective, KTOObjective, noise_level
@@ -213,3 +215,48 @@ def test_kto_guided_loss_scores_the_sampler_s_guided_prediction(pipe):
     expected = float(((pred - eps) ** 2).mean())
     assert abs(float(errors[True][0]) - expected) < 1e-5 * max(expected, 1)
     assert abs(float(errors[False][0]) - expected) > 1e-3 * expected
+
+
+def test_kto_grid_reference_point_is_the_mean_reward_of_the_image_s_grid(pipe, tmp_path):
+    """reference_point "grid": an image is judged against the mean reward of all four images
+    of its own grid, each noised with the image's (t, ε) (a pick's best and worst share it),
+    the policy's error against the base's at the same draw; other picks' images play no part."""
+    remove_lora(pipe.unet)
+    with Session.open(tmp_path / "s") as session:
+        examples = circle_picks(pipe, session)
+        train_round(pipe, session, DiffusionKTOConfig(epochs=1, noise_draws=2))
+    config = DiffusionKTOConfig(noise_draws=2, beta=2500.0, reference_point="grid")
+    objective = KTOObjective(examples, config)
+    (batch,) = make_batches(objective.trajectories, objective.items()[:12], 12, 0)
+    with torch.no_grad():
+        objective.prepare(pipe, [batch])
+        terms = objective.terms(pipe, batch)
+    num_train = pipe.scheduler.config.num_train_timesteps
+    z = {}
+    rows = zip(batch.items, terms["reference_point"], terms["mean_delta"], strict=True)
+    for item, point, margin in rows:
+        e, image, _, d, sign = item
+        traj = examples[e].trajectory
+        final = traj.latents[:, -1]
+        gen = torch.Generator().manual_seed(hash((config.seed, e, -1, -1, d)) % 2**62)
+        eps = torch.randn(final.shape[1:], generator=gen)
+        t = noise_level(gen, num_train, 0.0).expand(len(final))
+        noisy = pipe.scheduler.add_noise(final, eps.expand_as(final), t)
+        cond = Cond.stack([traj.cond[0]] * len(final))
+        errors = []
+        for adapter in (True, False):
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                if not adapter:
+                    stack.enter_context(base_model(pipe.unet))
+                pred = guided_model_output(pipe.unet, noisy, t, cond, None, 1.0)
+            errors.append(((pred - eps) ** 2).flatten(1).mean(1))
+        reward = -1250 * (errors[0] - errors[1])  # β/2: each image of the grid
+        expected = float(reward.mean())
+        # rewards are β/2 × differences of errors: float32 rounding of another batch's
+        # layout gives ~2e-4 here, the grid's rewards spread over ~1
+        assert abs(float(point) - expected) < 2e-3, (float(point), reward.tolist())
+        assert abs(float(margin) - sign * (float(reward[image]) - expected)) < 4e-3
+        z.setdefault((e, d), set()).add(round(float(point), 6))
+    assert all(len(points) == 1 for points in z.values())  # one point a (pick, draw)
+    assert len({next(iter(points)) for points in z.values()}) > 1  # not the batch's
+    assert torch.allclose(terms["loss"], 1 - torch.sigmoid(terms["mean_delta"]))

@@ -70,29 +70,31 @@ class DiffusionDPOObjective(Objective):
         two: the winner, the loser), one tensor a side, in one UNet call; an item's (t, ε) is
         fixed by its index and the round's seed, so every pass sees the same ones and both
         sides share them."""
+        sides = range(1, self.sides + 1)
+        rows = [(item, item[side]) for side in sides for item in batch.items]
+        return self._row_errors(pipe, batch.key, rows).chunk(len(sides))
+
+    def _row_errors(self, pipe, key: tuple, rows: list[tuple[tuple, int]]) -> torch.Tensor:
+        """Denoising errors of (item, image) rows in one UNet call: image ``image`` of the
+        item's grid, noised with the item's (t, ε)."""
         num_train = pipe.scheduler.config.num_train_timesteps
         latents, noise, ts, cond, uncond = [], [], [], [], []
         # the grids' guidance (a batch's key: steps, guidance, eta, negative prompt); whether
         # it applies is guided_model_output's rule, as in sampling
-        guidance = batch.key[1] if self.guided else 1.0
-        sides = range(1, self.sides + 1)
+        guidance = key[1] if self.guided else 1.0
         slices = self.config.noise_draws if self._stratified else 0  # draw d from slice d
-        for side in sides:
-            for item in batch.items:
-                e, d = item[0], item[3]
-                traj = self.trajectories[e]
-                final = traj.latents[:, -1]
-                key = self._noise_key(item)
-                gen = torch.Generator().manual_seed(hash(key) % 2**62)
-                latents.append(final[item[side]])
-                noise.append(torch.randn(final.shape[1:], generator=gen))
-                stratum = (d, slices) if slices else None
-                ts.append(noise_level(gen, num_train, self._bias, stratum))
-                cond.append(traj.cond[0])
-                if self.guided and traj.uncond is not None:
-                    uncond.append(traj.uncond[0])
-        errors = denoising_error(pipe, latents, noise, ts, cond, uncond or None, guidance)
-        return errors.chunk(len(sides))
+        for item, image in rows:
+            traj = self.trajectories[item[0]]
+            final = traj.latents[:, -1]
+            gen = torch.Generator().manual_seed(hash(self._noise_key(item)) % 2**62)
+            latents.append(final[image])
+            noise.append(torch.randn(final.shape[1:], generator=gen))
+            stratum = (item[3], slices) if slices else None
+            ts.append(noise_level(gen, num_train, self._bias, stratum))
+            cond.append(traj.cond[0])
+            if self.guided and traj.uncond is not None:
+                uncond.append(traj.uncond[0])
+        return denoising_error(pipe, latents, noise, ts, cond, uncond or None, guidance)
 
     def _noise_key(self, item: tuple) -> tuple:
         """What seeds an item's (t, ε): the round's seed, the pick, the images, the draw."""
@@ -158,6 +160,8 @@ class KTOObjective(DiffusionDPOObjective):
         L = 1 − σ(r − z)  (desirable),   1 − σ(z − r)  (undesirable)
 
     so each image is judged against how far the model moved overall, not against its pair.
+    With ``reference_point`` "grid", z is instead the mean reward of the image's own grid (all
+    its images, at the image's noise level), a group baseline as in GRPO (Shao et al., 2024).
     Items are (example, image, image, draw, +1 desirable / −1 undesirable)."""
 
     sides = 1
@@ -190,17 +194,64 @@ class KTOObjective(DiffusionDPOObjective):
             for d in range(self.config.noise_draws)
         ]
 
+    @property
+    def _grid(self) -> bool:
+        """Whether an image is judged against its own grid's mean reward (``reference_point``)."""
+        return self.config.reference_point == "grid"
+
     def _noise_key(self, item: tuple) -> tuple:
-        """With ``pair_noise`` a pick's best and worst share each draw's (t, ε)."""
-        if self.config.pair_noise:
+        """With ``pair_noise``, or the grid as reference point, a pick's images share each
+        draw's (t, ε)."""
+        if self.config.pair_noise or self._grid:
             return (self.config.seed, item[0], -1, -1, item[3])
         return super()._noise_key(item)
+
+    @torch.no_grad()
+    def _grid_errors(self, pipe, batch: Batch) -> torch.Tensor:
+        """Each item's grid's mean denoising error, every image of the grid noised with the
+        item's (t, ε), a row an item; one set of UNet calls for the items of a (pick, draw),
+        at most as many rows a call as the items' own."""
+        groups: dict[tuple[int, int], tuple] = {}
+        for item in batch.items:
+            groups.setdefault((item[0], item[3]), item)
+        rows = [
+            (item, image)
+            for item in groups.values()
+            for image in range(self.trajectories[item[0]].latents.shape[0])
+        ]
+        size = max(1, len(batch.items))
+        errors = torch.cat(
+            [
+                self._row_errors(pipe, batch.key, rows[i : i + size])
+                for i in range(0, len(rows), size)
+            ]
+        )
+        mean, start = {}, 0
+        for group, item in groups.items():
+            count = self.trajectories[item[0]].latents.shape[0]
+            mean[group] = errors[start : start + count].mean()
+            start += count
+        return torch.stack([mean[(item[0], item[3])] for item in batch.items])
+
+    def prepare(self, pipe, batches: list[Batch]) -> None:
+        """The reference's errors (``ref_1``) and, with the grid as reference point, its mean
+        error over each item's grid at the item's draw (``ref_grid``)."""
+        super().prepare(pipe, batches)
+        if self._grid:
+            with scaled_lora(pipe.unet, REFERENCE_WEIGHT[self._reference]):
+                for batch in batches:
+                    batch.cache["ref_grid"] = self._grid_errors(pipe, batch)
 
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
         (err,) = self._errors(pipe, batch)
         half = 0.5 * self.config.beta
         reward = -half * (err - batch.cache["ref_1"])
-        z = reward.mean().detach()
+        if self._grid:
+            # the mean reward of the item's grid at its draw: what the grid's images share
+            # (its prompt, its noise level) cancels, as a group baseline does
+            z = -half * (self._grid_errors(pipe, batch) - batch.cache["ref_grid"])
+        else:
+            z = reward.mean().detach()
         if self.config.reference_point == "kl":
             z = z.clamp(min=0)
         sign = torch.tensor([item[4] for item in batch.items], dtype=reward.dtype)
