@@ -689,6 +689,81 @@ def lean_drift(results: list[dict]) -> str:
     )
 
 
+def warning_calibration(results: list[dict]) -> str:
+    """The studio's held-out agreement warning (``round_warnings``) on every round of the
+    runs picking by a taste: a round is flagged when its agreement on the next round's picks
+    is below the floor or at least the drop under the round before's; it lost ground when its
+    win rate on its own taste fell by more than 0.03 from the round before (round 1: ended
+    below 0.5). Per pair of thresholds: the share of rounds flagged, the share of flagged rounds
+    that had lost ground (beside that of all rounds), the share of the rounds that lost
+    ground it flagged, and the mean change in win rate of flagged and unflagged rounds."""
+    import pandas as pd
+
+    from d3po_core.session.reports import AGREEMENT_DROP, AGREEMENT_FLOOR
+
+    rows, counted = [], 0
+    for r in results:
+        if r["objective"] not in TASTES:
+            continue
+        table = r["table"]
+        counted += any(row.get("heldout_agreement") is not None for row in table)
+        for k in range(1, len(table)):
+            agreement = table[k].get("heldout_agreement")
+            if agreement is None:
+                continue
+            before = table[k - 1].get("heldout_agreement")
+            win = table[k]["tastes"][r["objective"]]["win_rate"]
+            then = table[k - 1]["tastes"][r["objective"]]["win_rate"] if k > 1 else 0.5
+            lost = win < then - 0.03 if k > 1 else win < 0.5
+            rows.append((agreement, before, win, win - then, lost))
+    if not rows:
+        return "(no runs record held-out agreement)"
+    agreement = np.array([a for a, *_ in rows])
+    before = np.array([np.nan if b is None else b for _, b, *_ in rows])
+    win = np.array([w for _, _, w, *_ in rows])
+    change = np.array([c for *_, c, _ in rows])
+    lost = np.array([x for *_, x in rows])
+    bands = [(0, 0.25), (0.375, 0.5), (0.625, 0.75), (0.875, 1)]
+    by_band = ", ".join(
+        f"{lo:g}–{hi:g}: {_share(lost[(agreement >= lo - 1e-9) & (agreement <= hi + 1e-9)])}"
+        for lo, hi in bands
+    )
+    rho = pd.Series(agreement).corr(pd.Series(win), method="spearman")
+    lines = [
+        f"{len(rows)} rounds of {counted} runs picking by a taste; {lost.mean():.2f} of "
+        f"them lost ground. Lost ground by agreement "
+        f"{by_band}; Spearman of agreement and win rate {rho:.2f}.",
+        "",
+        "| floor | drop | rounds flagged | of them lost ground | lost rounds flagged "
+        "| win-rate change: flagged | unflagged |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    pairs = [(0.5, 0.2), (0.5, None), (0.375, 0.375), (0.375, None), (0.25, None)]
+    if (AGREEMENT_FLOOR, AGREEMENT_DROP) not in pairs:
+        pairs.insert(0, (AGREEMENT_FLOOR, AGREEMENT_DROP))
+    for floor, drop in pairs:
+        fell = before - agreement >= drop - 1e-9 if drop is not None else np.zeros_like(lost)
+        flagged = (agreement < floor) | (~np.isnan(before) & fell)
+        mark = " (the studio's)" if (floor, drop) == (AGREEMENT_FLOOR, AGREEMENT_DROP) else ""
+        cells = [
+            _share(lost[flagged]),
+            _share(flagged[lost]),
+            _share(change[flagged], "+.3f"),
+            _share(change[~flagged], "+.3f"),
+        ]
+        lines.append(
+            f"| {floor}{mark} | {drop if drop is not None else '–'} | {flagged.mean():.2f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _share(values: np.ndarray, spec: str = ".2f") -> str:
+    """The mean of ``values`` formatted, or "–" when there are none."""
+    return format(values.mean(), spec) if values.size else "–"
+
+
 def by_prompt(results: list[dict]) -> str:
     """Last round, the runs picking by each taste: its win rate on each evaluation prompt's 16
     samples, mean over seeds (where a taste asks what a prompt forbids, it shows)."""
@@ -727,6 +802,8 @@ def report(results: list[dict], plot_path: Path) -> None:
     print(seed_noise(df))
     print()
     print(lean_drift(results))
+    print()
+    print(warning_calibration(results))
     print()
     default = df[df["variant"] == DEFAULT_VARIANT]
     if default.empty:

@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -66,7 +67,7 @@ class Batch:
     objective computed for the batch before the first update (e.g. reference log-probs).
     """
 
-    key: tuple
+    key: SettingsKey
     items: list[tuple]
     cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -143,17 +144,26 @@ def select_steps(
     return sorted(torch.randperm(num_steps, generator=generator)[:count].tolist())
 
 
-def settings_key(traj: Trajectory) -> tuple:
+class SettingsKey(NamedTuple):
     """What the step math of a trajectory depends on; a UNet call mixes only equal keys."""
+
+    steps: int
+    guidance: float
+    eta: float
+    negative: bool  # the grid has unconditional rows (a negative prompt)
+
+
+def settings_key(traj: Trajectory) -> SettingsKey:
+    """The trajectory's :class:`SettingsKey`."""
     s = traj.settings
-    return (s.steps, s.guidance, s.eta, traj.negative_embeds is not None)
+    return SettingsKey(s.steps, s.guidance, s.eta, traj.negative_embeds is not None)
 
 
 def make_batches(
     trajectories: list[Trajectory], items: list[tuple], batch_size: int, seed: int
 ) -> list[Batch]:
     """Shuffled batches of items (``item[0]`` indexes ``trajectories``) with one settings key."""
-    groups: dict[tuple, list] = defaultdict(list)
+    groups: dict[SettingsKey, list] = defaultdict(list)
     for item in items:
         groups[settings_key(trajectories[item[0]])].append(item)
     rng = random.Random(seed)
@@ -167,16 +177,14 @@ def make_batches(
 
 
 def log_probs_of(
-    pipe, trajectories: list[Trajectory], key: tuple, rows: list[tuple[int, int, int]]
+    pipe, trajectories: list[Trajectory], key: SettingsKey, rows: list[tuple[int, int, int]]
 ) -> torch.Tensor:
-    """log π(x_{t−1}|x_t) for each (trajectory, image, step) row, in one UNet call.
-
-    ``key`` is the batch's (steps, guidance, eta, has negative prompt), shared by every row.
-    """
+    """log π(x_{t−1}|x_t) for each (trajectory, image, step) row, in one UNet call; ``key``
+    is the batch's, shared by every row."""
     unet, scheduler = pipe.unet, pipe.scheduler
     device = unet.device
-    steps, guidance, eta, has_neg = key
-    scheduler.set_timesteps(steps, device=device)
+    has_neg = key.negative
+    scheduler.set_timesteps(key.steps, device=device)
     x_t, x_prev, ts, cond, uncond = [], [], [], [], []
     for e, idx, k in rows:
         traj = trajectories[e]
@@ -191,8 +199,8 @@ def log_probs_of(
     ts = torch.stack(ts).to(device)
     cond_b = Cond.stack(cond).to(device)
     uncond_b = Cond.stack(uncond).to(device) if has_neg else None
-    out = guided_model_output(unet, x_t, ts, cond_b, uncond_b, guidance)
-    return ddim_step(scheduler, out, ts, x_t, eta, prev_sample=x_prev).log_prob
+    out = guided_model_output(unet, x_t, ts, cond_b, uncond_b, key.guidance)
+    return ddim_step(scheduler, out, ts, x_t, key.eta, prev_sample=x_prev).log_prob
 
 
 def pair_rows(items: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int]]:

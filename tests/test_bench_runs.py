@@ -121,3 +121,27 @@ def test_the_stored_benchmark_runs_are_what_their_specs_ask_of_todays_engine():
         if s["variant"] == tastes.DEFAULT_VARIANT
     )
     assert checked > 400
+
+
+def test_the_warning_check_counts_flagged_rounds_and_the_ground_they_lost():
+    """warning_calibration: a round is flagged by the studio's rule on its held-out agreement
+    and lost ground when its own taste's win rate fell by more than 0.03 (round 1: below 0.5)."""
+    import tastes
+
+    def run(taste, rounds):  # rounds: (win rate, held-out agreement) from round 1
+        table = [{"tastes": {taste: {"win_rate": 0.5}}, "heldout_agreement": None}]
+        table += [{"tastes": {taste: {"win_rate": w}}, "heldout_agreement": h} for w, h in rounds]
+        return {"objective": taste, "table": table}
+
+    results = [
+        run("warmth", [(0.7, 0.75), (0.6, 0.25), (0.8, 0.375)]),  # lost at 2, flagged at 2
+        run("contrast", [(0.4, 0.875), (0.6, 0.5), (0.5, 0.5)]),  # lost at 1 and 3, flagged at 2
+        {"objective": "random", "table": []},  # the control is not counted
+    ]
+    text = tastes.warning_calibration(results)
+    assert text.startswith("6 rounds of 2 runs picking by a taste; 0.50 of them lost ground")
+    studio = next(line for line in text.splitlines() if "(the studio's)" in line)
+    # flagged: warmth round 2 (0.25 < 0.375; also 0.5 below round 1) and contrast round 2
+    # (3 of 8 fewer than round 1): 2 of 6, 1 of them lost ground, 1 of the 3 lost rounds
+    cells = [c.strip() for c in studio.strip("|").split("|")]
+    assert cells[2:5] == ["0.33", "0.50", "0.33"]

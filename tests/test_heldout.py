@@ -32,33 +32,36 @@ def test_heldout_table_and_warnings(tmp_path):
     with Session.open(tmp_path / "s") as session:
         assert heldout_df(session).empty
         _round(session, kl=1.0)  # round 1: nothing measured yet
-        _round(session, **_measured(1, 0.75, 1.5))  # round 2 measured round 1
-        _round(session, **_measured(2, 0.5, 2.0))  # round 3: round 2 fell by 0.25
-        _round(session, **_measured(3, 0.375, 2.5))  # round 4: round 3 below 0.5
-        _round(session, **_measured(4, 0.625, 12.0))  # round 5: its KL jumped 4.8×
-        _round(session, **_measured(5, 0.625, 13.0))  # round 6: nothing to say
+        _round(session, **_measured(1, 0.875, 1.5))  # round 2 measured round 1
+        _round(session, **_measured(2, 0.5, 2.0))  # round 3: round 2 fell by 3 of 8
+        _round(session, **_measured(3, 0.25, 2.5))  # round 4: round 3 at 2 of 8
+        _round(session, **_measured(4, 0.375, 12.0))  # round 5: its KL jumped 4.8×
+        _round(session, **_measured(5, 0.375, 13.0))  # round 6: 3 of 8, no fall: nothing
+        _round(session, **_measured(6, 0.625, 14.0))  # round 7: 2 of 8 fewer: nothing
         df = heldout_df(session)
-        assert df["round"].tolist() == [1, 2, 3, 4, 5]
-        assert df["measured_by"].tolist() == [2, 3, 4, 5, 6]
-        assert df["agreement"].tolist() == [0.75, 0.5, 0.375, 0.625, 0.625]
+        assert df["round"].tolist() == [1, 2, 3, 4, 5, 6]
+        assert df["measured_by"].tolist() == [2, 3, 4, 5, 6, 7]
+        assert df["agreement"].tolist() == [0.875, 0.5, 0.25, 0.375, 0.375, 0.625]
 
         assert round_warnings(session, 1) == ([], None)
         assert round_warnings(session, 2) == ([], None)  # nothing before round 1 to compare
 
         warnings, target = round_warnings(session, 3)
         assert target == 1
-        assert len(warnings) == 1 and "fewer than round 1 (75%)" in warnings[0]
+        assert len(warnings) == 1 and "fewer than round 1 (88%)" in warnings[0]
         assert "4 of your 8 new picks" in warnings[0] and "roll back to round 1" in warnings[0]
+        assert "1 in 4 rounds flagged like this had lost ground" in warnings[0]
 
         warnings, target = round_warnings(session, 4)
         assert target == 2
-        assert len(warnings) == 1 and "only 3 of your 8 new picks" in warnings[0]
+        assert len(warnings) == 1 and "only 2 of your 8 new picks" in warnings[0]
 
         warnings, target = round_warnings(session, 5)
         assert target == 4
         assert len(warnings) == 1 and "5× as far from the base as round 4" in warnings[0]
 
         assert round_warnings(session, 6) == ([], None)
+        assert round_warnings(session, 7) == ([], None)
 
 
 def test_agreement_is_none_on_the_base_model(pipe, tmp_path):

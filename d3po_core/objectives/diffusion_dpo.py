@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import REFERENCE_WEIGHT, scaled_lora
-from ..rounds import Batch, Objective
+from ..rounds import Batch, Objective, SettingsKey
 from .d3po import anchor_penalty, pick_pairs
 from .implicit import denoising_error
 
@@ -74,14 +74,13 @@ class DiffusionDPOObjective(Objective):
         rows = [(item, item[side]) for side in sides for item in batch.items]
         return self._row_errors(pipe, batch.key, rows).chunk(len(sides))
 
-    def _row_errors(self, pipe, key: tuple, rows: list[tuple[tuple, int]]) -> torch.Tensor:
+    def _row_errors(self, pipe, key: SettingsKey, rows: list[tuple[tuple, int]]) -> torch.Tensor:
         """Denoising errors of (item, image) rows in one UNet call: image ``image`` of the
         item's grid, noised with the item's (t, ε)."""
         num_train = pipe.scheduler.config.num_train_timesteps
         latents, noise, ts, cond, uncond = [], [], [], [], []
-        # the grids' guidance (a batch's key: steps, guidance, eta, negative prompt); whether
-        # it applies is guided_model_output's rule, as in sampling
-        guidance = key[1] if self.guided else 1.0
+        # the grids' guidance; whether it applies is guided_model_output's rule, as in sampling
+        guidance = key.guidance if self.guided else 1.0
         slices = self.config.noise_draws if self._stratified else 0  # draw d from slice d
         for item, image in rows:
             traj = self.trajectories[item[0]]

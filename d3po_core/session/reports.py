@@ -91,9 +91,13 @@ def win_rates(session: Session) -> pd.DataFrame:
 
 
 #: A round whose held-out agreement is below this, or fell by at least AGREEMENT_DROP from
-#: the round measured before it, gets a warning.
-AGREEMENT_FLOOR = 0.5
-AGREEMENT_DROP = 0.2
+#: the round measured before it, gets a warning. Chosen on the taste benchmark's 1755 rounds
+#: (docs/benchmarks.md §5): no pair of thresholds makes 8 picks' agreement a sure sign (about
+#: 1 in 4 flagged rounds had lost ground, 1 in 5 of all rounds did), so the warning is kept
+#: for the clearer cases: at most 2 of 8 picks, or 3 fewer than the round before (12% of the
+#: rounds, where 0.5 and 0.2 flagged 29%).
+AGREEMENT_FLOOR = 0.375
+AGREEMENT_DROP = 0.375
 #: A round whose training moved its pairs' log-ratios (the round's ``kl`` metric) more than
 #: KL_JUMP times as far as the round before it did gets a warning.
 KL_JUMP = 4.0
@@ -150,18 +154,24 @@ def round_warnings(session: Session, round_id: int) -> tuple[list[str], int | No
         fallback = older[-1] if older else None
         where = f"round {fallback}" if fallback is not None else "the base model"
         share = f"{round(row['agreement'] * row['picks'])} of your {row['picks']} new picks"
+        # what the benchmark says such a warning is worth (see AGREEMENT_FLOOR)
+        odds = (
+            "A few picks make this a weak sign: on the taste benchmark about 1 in 4 rounds "
+            "flagged like this had lost ground, and most still gained."
+        )
         if row["agreement"] < AGREEMENT_FLOOR:
             warnings.append(
                 f"Round {row['round']} ranked only {share} the way you did "
-                f"({row['agreement']:.0%}): it may have moved away from your taste. "
-                f"If its grids looked worse, roll back to {where}."
+                f"({row['agreement']:.0%}): it may have moved away from your taste. {odds} "
+                f"If its grids look worse, roll back to {where}."
             )
             target = fallback
-        elif before is not None and row["agreement"] <= before["agreement"] - AGREEMENT_DROP:
+        elif before is not None and row["agreement"] <= before["agreement"] - AGREEMENT_DROP + 1e-9:
             warnings.append(
                 f"Round {row['round']} ranked {share} the way you did "
                 f"({row['agreement']:.0%}), fewer than round {before['round']} "
-                f"({before['agreement']:.0%}). If its grids looked worse, roll back to {where}."
+                f"({before['agreement']:.0%}). {odds} If its grids look worse, roll back to "
+                f"{where}."
             )
             target = fallback
     if "metric_kl" in rounds and round_id in ids and ids.index(round_id) > 0:
