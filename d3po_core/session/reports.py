@@ -91,7 +91,7 @@ def win_rates(session: Session) -> pd.DataFrame:
 
 
 #: A round whose held-out agreement is below this, or fell by at least AGREEMENT_DROP from
-#: the round measured before it, gets a warning. Chosen on the taste benchmark's 1755 rounds
+#: the round measured before it, gets a warning. Chosen on the taste benchmark's rounds
 #: (docs/benchmarks.md §5): no pair of thresholds makes 8 picks' agreement a sure sign (about
 #: 1 in 4 flagged rounds had lost ground, 1 in 5 of all rounds did), so the warning is kept
 #: for the clearer cases: at most 2 of 8 picks, or 3 fewer than the round before (12% of the
