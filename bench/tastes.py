@@ -728,7 +728,8 @@ def warning_calibration(results: list[dict]) -> str:
         f"{lo:g}–{hi:g}: {_share(lost[(agreement >= lo - 1e-9) & (agreement <= hi + 1e-9)])}"
         for lo, hi in bands
     )
-    rho = pd.Series(agreement).corr(pd.Series(win), method="spearman")
+    # Spearman's rho as Pearson's on the ranks (ties averaged), without scipy
+    rho = pd.Series(agreement).rank().corr(pd.Series(win).rank())
     lines = [
         f"{len(rows)} rounds of {counted} runs picking by a taste; {lost.mean():.2f} of "
         f"them lost ground. Lost ground by agreement "
