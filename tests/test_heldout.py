@@ -37,11 +37,12 @@ def test_heldout_table_and_warnings(tmp_path):
         _round(session, **_measured(3, 0.25, 2.5))  # round 4: round 3 at 2 of 8
         _round(session, **_measured(4, 0.375, 12.0))  # round 5: its KL jumped 4.8×
         _round(session, **_measured(5, 0.375, 13.0))  # round 6: 3 of 8, no fall: nothing
-        _round(session, **_measured(6, 0.625, 14.0))  # round 7: 2 of 8 fewer: nothing
+        _round(session, **_measured(6, 0.625, 14.0))  # round 7: 2 of 8 more: nothing
+        _round(session, **_measured(7, 0.375, 15.0))  # round 8: 2 of 8 fewer: nothing
         df = heldout_df(session)
-        assert df["round"].tolist() == [1, 2, 3, 4, 5, 6]
-        assert df["measured_by"].tolist() == [2, 3, 4, 5, 6, 7]
-        assert df["agreement"].tolist() == [0.875, 0.5, 0.25, 0.375, 0.375, 0.625]
+        assert df["round"].tolist() == [1, 2, 3, 4, 5, 6, 7]
+        assert df["measured_by"].tolist() == [2, 3, 4, 5, 6, 7, 8]
+        assert df["agreement"].tolist() == [0.875, 0.5, 0.25, 0.375, 0.375, 0.625, 0.375]
 
         assert round_warnings(session, 1) == ([], None)
         assert round_warnings(session, 2) == ([], None)  # nothing before round 1 to compare
@@ -62,6 +63,7 @@ def test_heldout_table_and_warnings(tmp_path):
 
         assert round_warnings(session, 6) == ([], None)
         assert round_warnings(session, 7) == ([], None)
+        assert round_warnings(session, 8) == ([], None)
 
 
 def test_agreement_is_none_on_the_base_model(pipe, tmp_path):
