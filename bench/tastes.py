@@ -696,7 +696,8 @@ def warning_calibration(results: list[dict]) -> str:
     win rate on its own taste fell by more than 0.03 from the round before (round 1: ended
     below 0.5). Per pair of thresholds: the share of rounds flagged, the share of flagged rounds
     that had lost ground (beside that of all rounds), the share of the rounds that lost
-    ground it flagged, and the mean change in win rate of flagged and unflagged rounds."""
+    ground it flagged, the mean change in win rate of flagged and unflagged rounds, and the
+    share of flagged rounds whose win rate rose."""
     import pandas as pd
 
     from d3po_core.session.reports import AGREEMENT_DROP, AGREEMENT_FLOOR
@@ -736,8 +737,8 @@ def warning_calibration(results: list[dict]) -> str:
         f"{by_band}; Spearman of agreement and win rate {rho:.2f}.",
         "",
         "| floor | drop | rounds flagged | of them lost ground | lost rounds flagged "
-        "| win-rate change: flagged | unflagged |",
-        "|---|---|---|---|---|---|---|",
+        "| win-rate change: flagged | unflagged | flagged that gained |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     pairs = [(0.5, 0.2), (0.5, None), (0.375, 0.375), (0.375, None), (0.25, None)]
     if (AGREEMENT_FLOOR, AGREEMENT_DROP) not in pairs:
@@ -751,6 +752,7 @@ def warning_calibration(results: list[dict]) -> str:
             _share(flagged[lost]),
             _share(change[flagged], "+.3f"),
             _share(change[~flagged], "+.3f"),
+            _share(change[flagged] > 0),
         ]
         lines.append(
             f"| {floor}{mark} | {drop if drop is not None else '–'} | {flagged.mean():.2f} | "

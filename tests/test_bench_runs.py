@@ -145,3 +145,5 @@ def test_the_warning_check_counts_flagged_rounds_and_the_ground_they_lost():
     # (3 of 8 fewer than round 1): 2 of 6, 1 of them lost ground, 1 of the 3 lost rounds
     cells = [c.strip() for c in studio.strip("|").split("|")]
     assert cells[2:5] == ["0.33", "0.50", "0.33"]
+    # their changes: warmth −0.10, contrast +0.20; the rest +0.20, −0.10, +0.20, −0.10
+    assert cells[5:] == ["+0.050", "+0.050", "0.50"]
