@@ -700,7 +700,7 @@ def warning_calibration(results: list[dict]) -> str:
     share of flagged rounds whose win rate rose."""
     import pandas as pd
 
-    from d3po_core.session.reports import AGREEMENT_DROP, AGREEMENT_FLOOR
+    from d3po_core.session.reports import AGREEMENT_DROP, AGREEMENT_FLOOR, agreement_flag
 
     rows, counted = [], 0
     for r in results:
@@ -720,7 +720,6 @@ def warning_calibration(results: list[dict]) -> str:
     if not rows:
         return "(no runs record held-out agreement)"
     agreement = np.array([a for a, *_ in rows])
-    before = np.array([np.nan if b is None else b for _, b, *_ in rows])
     win = np.array([w for _, _, w, *_ in rows])
     change = np.array([c for *_, c, _ in rows])
     lost = np.array([x for *_, x in rows])
@@ -744,8 +743,7 @@ def warning_calibration(results: list[dict]) -> str:
     if (AGREEMENT_FLOOR, AGREEMENT_DROP) not in pairs:
         pairs.insert(0, (AGREEMENT_FLOOR, AGREEMENT_DROP))
     for floor, drop in pairs:
-        fell = before - agreement >= drop - 1e-9 if drop is not None else np.zeros_like(lost)
-        flagged = (agreement < floor) | (~np.isnan(before) & fell)
+        flagged = np.array([agreement_flag(a, b, floor, drop) is not None for a, b, *_ in rows])
         mark = " (the studio's)" if (floor, drop) == (AGREEMENT_FLOOR, AGREEMENT_DROP) else ""
         cells = [
             _share(lost[flagged]),

@@ -213,10 +213,11 @@ class KTOObjective(DiffusionDPOObjective):
         groups: dict[tuple[int, int], tuple] = {}
         for item in batch.items:
             groups.setdefault((item[0], item[3]), item)
+        sizes = [len(self.trajectories[item[0]].latents) for item in groups.values()]
         rows = [
             (item, image)
-            for item in groups.values()
-            for image in range(self.trajectories[item[0]].latents.shape[0])
+            for item, n in zip(groups.values(), sizes, strict=True)
+            for image in range(n)
         ]
         size = max(1, len(batch.items))
         errors = torch.cat(
@@ -225,11 +226,7 @@ class KTOObjective(DiffusionDPOObjective):
                 for i in range(0, len(rows), size)
             ]
         )
-        mean, start = {}, 0
-        for group, item in groups.items():
-            count = self.trajectories[item[0]].latents.shape[0]
-            mean[group] = errors[start : start + count].mean()
-            start += count
+        mean = dict(zip(groups, (part.mean() for part in errors.split(sizes)), strict=True))
         return torch.stack([mean[(item[0], item[3])] for item in batch.items])
 
     def prepare(self, pipe, batches: list[Batch]) -> None:

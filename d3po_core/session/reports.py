@@ -130,6 +130,22 @@ def heldout_of(rounds: pd.DataFrame) -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
+def agreement_flag(
+    agreement: float,
+    before: float | None,
+    floor: float = AGREEMENT_FLOOR,
+    drop: float | None = AGREEMENT_DROP,
+) -> str | None:
+    """Why a round's held-out ``agreement`` gets a warning: "floor" (below ``floor``), "drop"
+    (at least ``drop`` under ``before``, the round measured before it; None: no such arm),
+    or None. The benchmark's check of the thresholds calls it too."""
+    if agreement < floor:
+        return "floor"
+    if before is not None and drop is not None and agreement <= before - drop + 1e-9:
+        return "drop"
+    return None
+
+
 def round_warnings(session: Session, round_id: int) -> tuple[list[str], int | None]:
     """Plain-words warnings after round ``round_id`` trained, and the round to offer a
     rollback to (None: the base model).
@@ -159,14 +175,15 @@ def round_warnings(session: Session, round_id: int) -> tuple[list[str], int | No
             "A few picks make this a weak sign: on the taste benchmark about 1 in 4 rounds "
             "flagged like this had lost ground, and most still gained."
         )
-        if row["agreement"] < AGREEMENT_FLOOR:
+        flag = agreement_flag(row["agreement"], None if before is None else before["agreement"])
+        if flag == "floor":
             warnings.append(
                 f"Round {row['round']} ranked only {share} the way you did "
                 f"({row['agreement']:.0%}): it may have moved away from your taste. {odds} "
                 f"If its grids look worse, roll back to {where}."
             )
             target = fallback
-        elif before is not None and row["agreement"] <= before["agreement"] - AGREEMENT_DROP + 1e-9:
+        elif flag == "drop":
             warnings.append(
                 f"Round {row['round']} ranked {share} the way you did "
                 f"({row['agreement']:.0%}), fewer than round {before['round']} "
