@@ -56,9 +56,11 @@ def spec(
     config: dict | None = None,
     settings: dict | None = None,
     random_picks: bool = False,
+    prompts: list[str] | None = None,
 ) -> dict:
     """A run: the same images per round whatever the grid size (grids = 32 / n); with
-    ``random_picks`` it picks at random and its objective only scores it."""
+    ``random_picks`` it picks at random and its objective only scores it. It labels grids of
+    ``prompts`` in turn (when not given, examples/prompts.txt: :data:`PROMPTS`)."""
     return {
         "id": f"{variant}--{objective}--s{seed}",
         "variant": variant,
@@ -69,7 +71,12 @@ def spec(
         "config": config or {},
         "settings": settings or {},
         "random_picks": random_picks,
-    }
+    } | ({"prompts": list(prompts)} if prompts else {})
+
+
+def prompts_of(s: dict) -> list[str]:
+    """The prompts a spec (or a run made from one) labels grids of."""
+    return s.get("prompts", PROMPTS)
 
 
 #: settings that change a round's memory, not its result (micro-batches add up the same
@@ -87,7 +94,10 @@ def stale_settings(result: dict, s: dict) -> dict[str, tuple]:
     """Where a cached run's settings differ from what its spec asks now (a default changed
     since it ran): {name: (ran with, asked now)}; empty when the run still stands. A setting
     added since (its default keeps the old behaviour) or one that only changes memory is not
-    a difference, nor is anything in a result that records no settings."""
+    a difference, nor is anything in a result that records no settings. A run on other
+    prompts is ``{"prompts": …}``: another benchmark's, which :func:`main` refuses to touch."""
+    if prompts_of(result) != prompts_of(s):
+        return {"prompts": (prompts_of(result), prompts_of(s))}
     if "full_config" not in result:
         return {}
     if result.get("method") != s["method"]:
@@ -157,7 +167,7 @@ class Run:
                 self.pipe,
                 session,
                 scorer,
-                PROMPTS,
+                prompts_of(self.spec),
                 rounds=self.spec["rounds"],
                 grids=self.grids,
                 settings=self.settings,
@@ -323,18 +333,28 @@ def main(
     out: str = "learning",
     runner: Runner | None = None,
     describe: Callable[[dict], str] = outcome,
+    prompt_sets: dict[str, tuple[list[str], str]] | None = None,
 ) -> None:
     """The command line the learning benchmarks share: run what is missing, then report.
 
     ``out`` names the cache folder under bench/results; ``runner`` and ``describe`` as in
-    :func:`run_specs`.
+    :func:`run_specs`. With ``prompt_sets`` ({name: (prompts, cache folder)}, the first the
+    default) ``--prompts NAME`` chooses the prompts, passed on as ``specs(seeds, rounds,
+    prompts)``, and with them the cache folder.
     """
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--seeds", type=int, default=seeds)
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--model", default=None, help="default: the embedded model")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / out)
-    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / plot)
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results/<folder>")
+    if prompt_sets:
+        p.add_argument(
+            "--prompts",
+            choices=list(prompt_sets),
+            default=next(iter(prompt_sets)),
+            help="the prompts to label and evaluate on (each set has its own results folder)",
+        )
+    p.add_argument("--plot", type=Path, default=None, help="default: docs/img/<plot>")
     p.add_argument("--part", default="1/1", help="i/k: run every k-th spec from the i-th")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
@@ -355,11 +375,29 @@ def main(
     stop_at = args.stop_at
     if stop_at is None and args.stop_after is not None:
         stop_at = time.time() + args.stop_after
-    all_specs = specs(args.seeds, args.rounds)
+    if prompt_sets:
+        prompts, out = prompt_sets[args.prompts]
+        all_specs = specs(args.seeds, args.rounds, prompts)
+    else:
+        all_specs = specs(args.seeds, args.rounds)
+        plot = f"{out}.png"  # each set's own
+    args.out = args.out or ROOT / "bench" / "results" / out
+    args.plot = args.plot or ROOT / "docs" / "img" / plot
     if args.only:
         all_specs = [s for s in all_specs if s["variant"] in args.only.split(",")]
     if args.labelers:
         all_specs = [s for s in all_specs if s["objective"] in args.labelers.split(",")]
+    by_id = {s["id"]: s for s in all_specs}
+    other = [
+        r["id"]
+        for r in load_results(all_specs, args.out)
+        if "prompts" in stale_settings(r, by_id[r["id"]])
+    ]
+    if other:  # another benchmark's runs, not stale ones: never set aside
+        p.error(
+            f"{args.out} holds runs on other prompts than asked ({other[0]} and "
+            f"{len(other) - 1} more): choose their --prompts, or another --out"
+        )
     if not args.report_only:
         if not args.worker:
             print(f"machine: {machine()}")
@@ -380,7 +418,6 @@ def main(
     if args.worker:
         return  # the command that started the workers reports
     results = load_results(all_specs, args.out)
-    by_id = {s["id"]: s for s in all_specs}
     stale = [r["id"] for r in results if stale_settings(r, by_id[r["id"]])]
     if stale:  # --report-only over runs made before a default changed
         print(f"left out of the report, made with other settings than asked now: {stale}")

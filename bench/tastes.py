@@ -10,9 +10,14 @@ placement toward the top-left, roundness of the shape and fine detail. A run lab
 and worst, or with uniformly random best and worst (the control: "random"), for R rounds.
 Before training and after each round every taste scores a fixed evaluation set (the 4 prompts
 x 16 seeds, each image from its own seed) against the untuned model on the same noise, so a run
-also shows the drift in the tastes its picks did not ask for. Runs are cached as JSON in
-bench/results/tastes (``--part i/k`` splits them over processes; a re-run only reports).
-Writes docs/img/tastes.png and prints the markdown tables of docs/benchmarks.md.
+also shows the drift in the tastes its picks did not ask for.
+
+The runs label and evaluate on prompts that leave every taste's attribute open ("a shape", "a
+large shape", …: ``--prompts open``, the default) or on examples/prompts.txt (``--prompts
+named``: "a circle", "a square", …, where the prompt decides some attributes). Runs are cached
+as JSON in bench/results/tastes-open or bench/results/tastes (``--part i/k`` splits them over
+processes; a re-run only reports). Writes docs/img/tastes-open.png (or tastes.png) and prints
+the markdown tables of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import runs
 from PIL import Image
-from runs import CONTROL, EVAL, random_labeler, spec
+from runs import CONTROL, EVAL, PROMPTS, prompts_of, random_labeler, spec
 
 from d3po_core.models import base_model, default_model
 from d3po_core.sampling import SampleSettings, sample_grid
@@ -159,9 +164,22 @@ TASTES: dict[str, tuple[Scorer, str]] = {
 # ---------------------------------------------------------------------------------------------
 # Runs
 
-EVAL_SET = EVAL
-#: simulate() measures its labeler itself; the tastes are measured here on EVAL_SET instead,
-#: so its own evaluation is cut to one image (a random labeler has nothing to measure).
+#: Prompts that name none of the attributes the tastes judge (a shape's kind, colour,
+#: placement, background): the model is free to follow a taste on every one. Examples' prompts
+#: ("a circle", "a square", …) ask for a kind or a background; on "a square" a tool should
+#: keep drawing squares for a person who likes round shapes, so there roundness cannot win.
+OPEN_PROMPTS = ["a shape", "a small shape", "a medium shape", "a large shape"]
+#: --prompts NAME: the prompts a run labels and is evaluated on, and its results folder
+PROMPT_SETS = {"open": (OPEN_PROMPTS, "tastes-open"), "named": (PROMPTS, "tastes")}
+
+
+def eval_set(prompts: list[str]) -> EvalSet:
+    """The evaluation set of runs on ``prompts``: its first 4, each on the 16 fixed seeds."""
+    return EvalSet(prompts[:4], EVAL.seeds)
+
+
+#: simulate() measures its labeler itself; the tastes are measured here on the eval set
+#: instead, so its own evaluation is cut to one image (a random labeler has nothing to measure).
 _SIM_EVAL = EvalSet(EVAL.prompts[:1], EVAL.seeds[:1])
 _BASE_CACHE: dict[tuple, dict[str, list[float]]] = {}
 
@@ -315,21 +333,22 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 DEFAULT_VARIANT = "kto-replay-b5000"
 
 
-def specs(seeds: int, rounds: int) -> list[dict]:
+def specs(seeds: int, rounds: int, prompts: list[str] = OPEN_PROMPTS) -> list[dict]:
+    named = None if prompts == PROMPTS else prompts  # the runs made before the prompts varied
     return [
-        spec(variant, labeler, method, seed, rounds=rounds, config=config)
+        spec(variant, labeler, method, seed, rounds=rounds, config=config, prompts=named)
         for variant, (method, config) in VARIANTS.items()
         for seed in range(seeds)
         for labeler in (*TASTES, CONTROL)
     ]
 
 
-def score_eval_set(pipe, settings: SampleSettings) -> dict[str, list[float]]:
-    """Every taste on every (prompt, seed) of EVAL_SET, with the pipeline as it stands."""
+def score_eval_set(pipe, settings: SampleSettings, evals: EvalSet) -> dict[str, list[float]]:
+    """Every taste on every (prompt, seed) of ``evals``, with the pipeline as it stands."""
     one_by_one = replace(settings, shared_noise=False)
     scores: dict[str, list[float]] = {name: [] for name in TASTES}
-    for prompt in EVAL_SET.prompts:
-        grid = sample_grid(pipe, prompt, one_by_one, seeds=EVAL_SET.seeds)
+    for prompt in evals.prompts:
+        grid = sample_grid(pipe, prompt, one_by_one, seeds=evals.seeds)
         for name, (scorer, _what) in TASTES.items():
             scores[name] += [float(scorer(image, prompt)) for image in grid.images]
     return scores
@@ -369,24 +388,25 @@ def pick_lean(session) -> dict[str, float]:
 
 def run_taste(s: dict, out: Path, model: str | None) -> dict:
     """Run a spec (or read its cached result): label with its taste (or at random), train,
-    and measure every taste on EVAL_SET before training and after each round."""
+    and measure every taste on its eval set before training and after each round."""
     path = out / f"{s['id']}.json"
     if path.exists():
         return json.loads(path.read_text())
     run = runs.Run.of(s, model)
     pipe, settings = run.pipe, run.settings
     labeler = random_labeler(s["seed"]) if s["objective"] == CONTROL else TASTES[s["objective"]][0]
-    key = (model or default_model(), tuple(sorted(asdict(settings).items())))
+    evals = eval_set(prompts_of(s))
+    key = (model or default_model(), tuple(sorted(asdict(settings).items())), str(evals))
     if key not in _BASE_CACHE:  # the untuned model's eval set is the same in every run
         with base_model(pipe.unet):
-            _BASE_CACHE[key] = score_eval_set(pipe, settings)
+            _BASE_CACHE[key] = score_eval_set(pipe, settings, evals)
     base = _BASE_CACHE[key]
     table: list[dict] = []
     samples: list[dict[str, list[float]]] = []
 
     def on_round(row: dict) -> None:
         t0 = time.perf_counter()
-        scores = base if row["images_sampled"] == 0 else score_eval_set(pipe, settings)
+        scores = base if row["images_sampled"] == 0 else score_eval_set(pipe, settings, evals)
         samples.append({k: [round(v, 6) for v in vs] for k, vs in scores.items()})
         table.append(
             {
@@ -405,7 +425,7 @@ def run_taste(s: dict, out: Path, model: str | None) -> dict:
     )
     for entry, row in zip(table, rows, strict=True):
         entry["heldout_agreement"] = row.get("heldout_agreement")
-    result = run.result(eval_set=asdict(EVAL_SET), table=table, eval_scores=samples, pick_lean=lean)
+    result = run.result(eval_set=asdict(evals), table=table, eval_scores=samples, pick_lean=lean)
     out.mkdir(parents=True, exist_ok=True)
     runs.save_result(path, result)
     return result
@@ -768,8 +788,8 @@ def _share(values: np.ndarray, spec: str = ".2f") -> str:
 def by_prompt(results: list[dict]) -> str:
     """Last round, the runs picking by each taste: its win rate on each evaluation prompt's 16
     samples, mean over seeds (where a taste asks what a prompt forbids, it shows)."""
-    prompts = EVAL_SET.prompts
-    per = len(EVAL_SET.seeds)
+    evals = results[0]["eval_set"]  # one benchmark's runs share it
+    prompts, per = evals["prompts"], len(evals["seeds"])
     lines = [
         "| taste | " + " | ".join(f"“{p}”" for p in prompts) + " | all |",
         "|---|" + "---|" * (len(prompts) + 1),
@@ -830,4 +850,5 @@ if __name__ == "__main__":
         out="tastes",
         runner=run_taste,
         describe=describe,
+        prompt_sets=PROMPT_SETS,
     )

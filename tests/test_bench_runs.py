@@ -108,19 +108,39 @@ def test_the_stored_benchmark_runs_are_what_their_specs_ask_of_todays_engine():
     config = runs.METHODS[method].config
     assert method == DEFAULT_METHOD and config.from_dict(overrides) == config()
     checked = 0
-    for bench, out in ((tastes, "tastes"), (learning, "learning"), (ablation, "ablation")):
-        for s in bench.specs(6, 3):
+    benches = [(tastes.specs(6, 3, prompts), out) for prompts, out in tastes.PROMPT_SETS.values()]
+    benches += [(learning.specs(6, 3), "learning"), (ablation.specs(6, 3), "ablation")]
+    for specs, out in benches:
+        for s in specs:
             path = REPO / "bench" / "results" / out / f"{s['id']}.json"
             if path.exists():
-                assert runs.stale_settings(json.loads(path.read_text()), s) == {}, s["id"]
+                result = json.loads(path.read_text())
+                assert runs.stale_settings(result, s) == {}, s["id"]
+                if out.startswith("tastes"):  # evaluated on the prompts it labeled
+                    assert result["eval_set"]["prompts"] == runs.prompts_of(s)[:4], s["id"]
                 checked += 1
-    defaults = tastes.specs(6, 3)
-    assert all(
-        (REPO / "bench" / "results" / "tastes" / f"{s['id']}.json").exists()
-        for s in defaults
-        if s["variant"] == tastes.DEFAULT_VARIANT
-    )
+    for prompts, out in tastes.PROMPT_SETS.values():  # the defaults' rows: 3 seeds at least
+        assert all(
+            (REPO / "bench" / "results" / out / f"{s['id']}.json").exists()
+            for s in tastes.specs(3, 3, prompts)
+            if s["variant"] == tastes.DEFAULT_VARIANT
+        ), out
     assert checked > 400
+
+
+def test_a_run_on_other_prompts_than_its_spec_asks_is_stale():
+    """A spec names the prompts it labels (examples/prompts.txt when it names none); a cached
+    run made on other prompts does not stand for it."""
+    named = runs.spec("v", "warmth", "kto", 0, rounds=1)
+    shapes = runs.spec("v", "warmth", "kto", 0, rounds=1, prompts=["a shape", "a large shape"])
+    assert "prompts" not in named and runs.prompts_of(named) == runs.PROMPTS
+    assert runs.prompts_of(shapes) == ["a shape", "a large shape"]
+    ran = {"method": "kto", "full_config": runs.config_of(named).to_dict()}
+    assert runs.stale_settings({**ran, **named}, named) == {}
+    assert runs.stale_settings({**ran, **named}, shapes) == {
+        "prompts": (runs.PROMPTS, ["a shape", "a large shape"])
+    }
+    assert runs.stale_settings({**ran, **shapes}, shapes) == {}
 
 
 def test_the_warning_check_counts_flagged_rounds_and_the_ground_they_lost():
@@ -147,3 +167,57 @@ def test_the_warning_check_counts_flagged_rounds_and_the_ground_they_lost():
     assert cells[2:5] == ["0.33", "0.50", "0.33"]
     # their changes: warmth −0.10, contrast +0.20; the rest +0.20, −0.10, +0.20, −0.10
     assert cells[5:] == ["+0.050", "+0.050", "0.50"]
+
+
+def test_a_run_labels_grids_of_the_prompts_its_spec_names():
+    """Run.simulate labels (and holds out) grids of the spec's prompts, in turn."""
+    import tastes
+
+    quick = {"noise_draws": 1, "epochs": 1}
+    prompts = ["a shape", "a square"]
+    s = runs.spec(
+        "v", "warmth", "kto", 0, rounds=1, config=quick, settings={"steps": 2}, prompts=prompts
+    )
+    run = runs.Run.of(s, None)
+    seen: list[str] = []
+
+    def prompts_of_grids(session) -> None:
+        for pick in session.training_picks(since_last_round=False):
+            seen.append(session.grid(pick["grid_id"])["prompt"])
+
+    run.simulate(tastes.warmth, tastes.EvalSet(["a shape"], [0]), on_session=prompts_of_grids)
+    assert len(seen) == 2 * run.grids  # a round's grids and the held-out next ones
+    assert seen == prompts * run.grids
+
+
+def test_a_folder_of_runs_on_other_prompts_is_refused_and_kept(tmp_path):
+    """Runs on other prompts are another benchmark's, not stale ones: a command asking for
+    other prompts on their folder stops with a clear message and moves nothing."""
+    script = tmp_path / "bench_toy.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO / 'bench')!r})\n"
+        "import runs\n"
+        "def specs(seeds, rounds, prompts):\n"
+        "    named = None if prompts == runs.PROMPTS else prompts\n"
+        "    return [runs.spec('v', 'o', 'kto', 0, rounds=rounds, prompts=named)]\n"
+        "def report(results, plot):\n"
+        "    print('results', len(results))\n"
+        "sets = {'open': (['a shape'], 'toy-open'), 'named': (runs.PROMPTS, 'toy')}\n"
+        "runs.main('toy', specs, report, seeds=1, plot='x.png', prompt_sets=sets)\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    named = runs.spec("v", "o", "kto", 0, rounds=4)
+    (out / "v--o--s0.json").write_text(json.dumps(named))
+
+    def report(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(script), "--report-only", "--out", str(out), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    refused = report()  # --prompts open, the first set
+    assert refused.returncode == 2
+    assert "holds runs on other prompts than asked (v--o--s0 and 0 more)" in refused.stderr
+    assert [p.name for p in out.iterdir()] == ["v--o--s0.json"]  # nothing set aside
+    same = report("--prompts", "named")
+    assert same.returncode == 0, same.stderr
+    assert "results 1" in same.stdout
