@@ -378,9 +378,9 @@ def main(
     if prompt_sets:
         prompts, out = prompt_sets[args.prompts]
         all_specs = specs(args.seeds, args.rounds, prompts)
+        plot = f"{out}.png"  # each set's own
     else:
         all_specs = specs(args.seeds, args.rounds)
-        plot = f"{out}.png"  # each set's own
     args.out = args.out or ROOT / "bench" / "results" / out
     args.plot = args.plot or ROOT / "docs" / "img" / plot
     if args.only:

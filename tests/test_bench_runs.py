@@ -201,7 +201,7 @@ def test_a_folder_of_runs_on_other_prompts_is_refused_and_kept(tmp_path):
         "    named = None if prompts == runs.PROMPTS else prompts\n"
         "    return [runs.spec('v', 'o', 'kto', 0, rounds=rounds, prompts=named)]\n"
         "def report(results, plot):\n"
-        "    print('results', len(results))\n"
+        "    print('results', len(results), plot.name)\n"
         "sets = {'open': (['a shape'], 'toy-open'), 'named': (runs.PROMPTS, 'toy')}\n"
         "runs.main('toy', specs, report, seeds=1, plot='x.png', prompt_sets=sets)\n"
     )
@@ -220,4 +220,4 @@ def test_a_folder_of_runs_on_other_prompts_is_refused_and_kept(tmp_path):
     assert [p.name for p in out.iterdir()] == ["v--o--s0.json"]  # nothing set aside
     same = report("--prompts", "named")
     assert same.returncode == 0, same.stderr
-    assert "results 1" in same.stdout
+    assert "results 1 toy.png" in same.stdout  # the set's folder names its plot
