@@ -1,6 +1,6 @@
 """Tastes: does a round learn a person's taste? Scripted tastes and a random-picks control.
 
-    python bench/tastes.py [--seeds 3] [--rounds 3] [--part 1/2 --threads 1] [--report-only]
+    python bench/tastes.py [--prompts open|named] [--seeds 3] [--part 1/2] [--report-only]
     python bench/tastes.py --device cuda --jobs 14    # a GPU: 14 processes share the runs
 
 Each taste is a plain scorer ``(image, prompt) -> float`` (higher = preferred) on the embedded
