@@ -60,7 +60,8 @@ def spec(
 ) -> dict:
     """A run: the same images per round whatever the grid size (grids = 32 / n); with
     ``random_picks`` it picks at random and its objective only scores it. It labels grids of
-    ``prompts`` in turn (when not given, examples/prompts.txt: :data:`PROMPTS`)."""
+    ``prompts`` in turn (when not given, examples/prompts.txt: :data:`PROMPTS`, which a spec
+    does not name, as the runs from before the prompts varied did not)."""
     return {
         "id": f"{variant}--{objective}--s{seed}",
         "variant": variant,
@@ -71,7 +72,7 @@ def spec(
         "config": config or {},
         "settings": settings or {},
         "random_picks": random_picks,
-    } | ({"prompts": list(prompts)} if prompts else {})
+    } | ({"prompts": list(prompts)} if prompts and prompts != PROMPTS else {})
 
 
 def prompts_of(s: dict) -> list[str]:

@@ -334,9 +334,8 @@ DEFAULT_VARIANT = "kto-replay-b5000"
 
 
 def specs(seeds: int, rounds: int, prompts: list[str] = OPEN_PROMPTS) -> list[dict]:
-    named = None if prompts == PROMPTS else prompts  # the runs made before the prompts varied
     return [
-        spec(variant, labeler, method, seed, rounds=rounds, config=config, prompts=named)
+        spec(variant, labeler, method, seed, rounds=rounds, config=config, prompts=prompts)
         for variant, (method, config) in VARIANTS.items()
         for seed in range(seeds)
         for labeler in (*TASTES, CONTROL)
