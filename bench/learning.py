@@ -28,8 +28,11 @@ OBJECTIVES = {
 }
 METHODS = ("d3po", "diffusion-dpo", "kto", "ddpo")
 #: the controls, on random picks: the engine's default method, and KTO at β 2500 (its default
-#: until β 5000; the control's drift at each β)
-CONTROLS = {runs.CONTROL: (DEFAULT_METHOD, {}), "random-kto-b2500": ("kto", {"beta": 2500.0})}
+#: until β 5000; the control's drift at each β), at 2 epochs as it ran then
+CONTROLS = {
+    runs.CONTROL: (DEFAULT_METHOD, {}),
+    "random-kto-b2500": ("kto", {"beta": 2500.0, "epochs": 2}),
+}
 
 
 def specs(seeds: int, rounds: int) -> list[dict]:
