@@ -1,6 +1,6 @@
 """The paper's headline on the embedded model: D3PO (ranking only) vs DDPO and P3O (reward).
 
-    python bench/learning.py [--seeds 3] [--rounds 4] [--part 1/2] [--report-only]
+    python bench/learning.py [--seeds 3] [--rounds 3] [--part 1/2] [--report-only]
 
 For JPEG compressibility and incompressibility, each seed runs R rounds of 32 sampled images
 (8 grids of 4): D3PO trains on the scorer's best and worst of each grid, DDPO on the scorer's
@@ -177,4 +177,4 @@ def report(results: list[dict], plot_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    runs.main(__doc__.splitlines()[0], specs, report, seeds=3, plot="learning.png")
+    runs.main(__doc__.splitlines()[0], specs, report, seeds=3, rounds=3, plot="learning.png")

@@ -93,12 +93,15 @@ def config_of(s: dict):
 
 def stale_settings(result: dict, s: dict) -> dict[str, tuple]:
     """Where a cached run's settings differ from what its spec asks now (a default changed
-    since it ran): {name: (ran with, asked now)}; empty when the run still stands. A setting
-    added since (its default keeps the old behaviour) or one that only changes memory is not
-    a difference, nor is anything in a result that records no settings. A run on other
-    prompts is ``{"prompts": …}``: another benchmark's, which :func:`main` refuses to touch."""
+    since it ran, or ``--rounds``): {name: (ran with, asked now)}; empty when the run still
+    stands. A setting added since (its default keeps the old behaviour) or one that only
+    changes memory is not a difference, nor is anything in a result that records no
+    settings. A run on other prompts is ``{"prompts": …}``: another benchmark's, which
+    :func:`main` refuses to touch."""
     if prompts_of(result) != prompts_of(s):
         return {"prompts": (prompts_of(result), prompts_of(s))}
+    if result.get("rounds", s["rounds"]) != s["rounds"]:  # its last round is another's
+        return {"rounds": (result["rounds"], s["rounds"])}
     if "full_config" not in result:
         return {}
     if result.get("method") != s["method"]:
