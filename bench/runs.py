@@ -96,8 +96,8 @@ def stale_settings(result: dict, s: dict) -> dict[str, tuple]:
     since it ran, or ``--rounds``): {name: (ran with, asked now)}; empty when the run still
     stands. A setting added since (its default keeps the old behaviour) or one that only
     changes memory is not a difference, nor is anything in a result that records no
-    settings. A run on other prompts is ``{"prompts": …}``: another benchmark's, which
-    :func:`main` refuses to touch."""
+    settings. A run on other prompts (``{"prompts": …}``) or of other rounds
+    (``{"rounds": …}``) is another benchmark's, which :func:`main` refuses to touch."""
     if prompts_of(result) != prompts_of(s):
         return {"prompts": (prompts_of(result), prompts_of(s))}
     if result.get("rounds", s["rounds"]) != s["rounds"]:  # its last round is another's
@@ -392,15 +392,16 @@ def main(
     if args.labelers:
         all_specs = [s for s in all_specs if s["objective"] in args.labelers.split(",")]
     by_id = {s["id"]: s for s in all_specs}
-    other = [
-        r["id"]
+    other = {  # another benchmark's runs, not stale ones: never set aside
+        r["id"]: what
         for r in load_results(all_specs, args.out)
-        if "prompts" in stale_settings(r, by_id[r["id"]])
-    ]
-    if other:  # another benchmark's runs, not stale ones: never set aside
+        for what in stale_settings(r, by_id[r["id"]]).keys() & {"prompts", "rounds"}
+    }
+    if other:
+        first, what = next(iter(other.items()))
         p.error(
-            f"{args.out} holds runs on other prompts than asked ({other[0]} and "
-            f"{len(other) - 1} more): choose their --prompts, or another --out"
+            f"{args.out} holds runs made with other {what} than asked ({first} and "
+            f"{len(other) - 1} more): choose their --prompts and --rounds, or another --out"
         )
     if not args.report_only:
         if not args.worker:

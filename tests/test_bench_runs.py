@@ -204,8 +204,8 @@ def test_a_run_labels_grids_of_the_prompts_its_spec_names():
 
 
 def test_a_folder_of_runs_on_other_prompts_is_refused_and_kept(tmp_path):
-    """Runs on other prompts are another benchmark's, not stale ones: a command asking for
-    other prompts on their folder stops with a clear message and moves nothing."""
+    """Runs on other prompts, or of other rounds, are another benchmark's, not stale ones: a
+    command asking for others on their folder stops with a clear message and moves nothing."""
     script = tmp_path / "bench_toy.py"
     script.write_text(
         f"import sys\nsys.path.insert(0, {str(REPO / 'bench')!r})\n"
@@ -228,8 +228,12 @@ def test_a_folder_of_runs_on_other_prompts_is_refused_and_kept(tmp_path):
 
     refused = report()  # --prompts open, the first set
     assert refused.returncode == 2
-    assert "holds runs on other prompts than asked (v--o--s0 and 0 more)" in refused.stderr
+    assert "holds runs made with other prompts than asked (v--o--s0 and 0 more)" in refused.stderr
     assert [p.name for p in out.iterdir()] == ["v--o--s0.json"]  # nothing set aside
+    fewer = report("--prompts", "named", "--rounds", "3")  # the run has 4
+    assert fewer.returncode == 2
+    assert "holds runs made with other rounds than asked (v--o--s0 and 0 more)" in fewer.stderr
+    assert [p.name for p in out.iterdir()] == ["v--o--s0.json"]
     same = report("--prompts", "named")
     assert same.returncode == 0, same.stderr
     assert "results 1 toy.png" in same.stdout  # the set's folder names its plot
