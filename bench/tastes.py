@@ -829,6 +829,33 @@ def by_prompt(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ceilings(results: list[dict]) -> str:
+    """Last round, the runs picking by each taste: how much of the win rate the base's best
+    samples leave to win. A pair whose base image already scores near the most any tuned
+    sample reached can hardly be won, so per taste: the top tenth of the base's evaluation
+    scores (from which score), the highest score of a tuned sample, the win rate on the top
+    tenth and on the rest, and the win rate if the rest were all won."""
+    lines = [
+        "| taste | base's top tenth from | highest tuned score | win rate: top tenth "
+        "| the rest | all | if the rest all won |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for taste in TASTES:
+        runs_ = [r for r in results if r["objective"] == taste and r.get("eval_scores")]
+        if not runs_:
+            continue
+        base = np.concatenate([r["eval_scores"][0][taste] for r in runs_])
+        tuned = np.concatenate([r["eval_scores"][-1][taste] for r in runs_])
+        top = base >= np.percentile(base, 90)
+        won = tuned > base
+        ceiling = won[top].mean() * top.mean() + (~top).mean()
+        lines.append(
+            f"| {taste} | {np.percentile(base, 90):.3g} | {tuned.max():.3g} | "
+            f"{won[top].mean():.2f} | {won[~top].mean():.2f} | {won.mean():.2f} | {ceiling:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def report(results: list[dict], plot_path: Path) -> None:
     """Every variant's table, and the detailed tables and plot of the defaults (or, with
     ``--only VARIANT``, of that variant: an earlier default's)."""
@@ -855,6 +882,8 @@ def report(results: list[dict], plot_path: Path) -> None:
     print(cross_table(default))
     print()
     print(by_prompt(runs_shown))
+    print()
+    print(ceilings(runs_shown))
     print()
     print(timing(runs_shown))
     plot(default, plot_path)

@@ -182,6 +182,26 @@ def test_the_warning_check_counts_flagged_rounds_and_the_ground_they_lost():
     assert cells[5:] == ["+0.050", "+0.050", "0.50"]
 
 
+def test_the_ceiling_table_splits_the_win_rate_at_the_bases_top_tenth():
+    """ceilings: the pairs whose base image is in the base's top tenth are counted apart, and
+    the win rate if the rest were all won is what the top tenth leaves."""
+    import tastes
+
+    base = [i / 100 for i in range(20)]  # the top tenth: 0.18 and 0.19
+    tuned = [b + 0.05 for b in base[:15]] + [b - 0.05 for b in base[15:]]  # 0.15… lose
+    scores = {name: base for name in tastes.TASTES}
+    run = {
+        "objective": "contrast",
+        "eval_scores": [scores, {**scores, "contrast": tuned}],
+    }
+    line = next(row for row in tastes.ceilings([run]).splitlines() if row.startswith("| contrast"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # top tenth from 0.171 (numpy's interpolation), highest tuned 0.19; top tenth 0 of 2 won,
+    # the rest 15 of 18; all 15 of 20; if the rest all won: 18 of 20
+    assert cells[1:] == ["0.171", "0.19", "0.00", "0.83", "0.75", "0.90"]
+    assert len(tastes.ceilings([run]).splitlines()) == 3  # the other tastes had no runs
+
+
 def test_a_run_labels_grids_of_the_prompts_its_spec_names():
     """Run.simulate labels (and holds out) grids of the spec's prompts, in turn."""
     import tastes
