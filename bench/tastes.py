@@ -649,7 +649,8 @@ def compare(df: pd.DataFrame) -> str:
         lines.append(
             f"| {variant} | {g['seed'].nunique()} | "
             + " | ".join(cells)
-            + f" | {finals.mean():.2f} | {max(falls):.2f} | {control} | {held_text} | {secs:.0f} |"
+            + f" | {f'{finals.mean():.2f}' if len(finals) else '–'} | {max(falls):.2f} | "
+            + f"{control} | {held_text} | {secs:.0f} |"
         )
     return "\n".join(lines)
 
@@ -717,8 +718,12 @@ def lean_drift(results: list[dict]) -> str:
         f"Random picks lean {np.mean(np.abs(lean)):.3f} toward a taste on average (|lean|; "
         f"its own labeler leans 1). Fit: win rate − 0.5 = {coef[0]:.2f} × lean + a taste's "
         f"offset ({offsets}); rms drift {np.sqrt(np.mean(drift**2)):.3f}, left after the fit "
-        f"{np.sqrt(np.mean((drift - fitted) ** 2)):.3f}. The tastes' own runs gained "
-        f"{np.mean(own):+.3f} at lean 1."
+        f"{np.sqrt(np.mean((drift - fitted) ** 2)):.3f}. "
+        + (
+            f"The tastes' own runs gained {np.mean(own):+.3f} at lean 1."
+            if own  # --labelers random: only the control ran
+            else "No taste's own runs to compare."
+        )
     )
 
 
