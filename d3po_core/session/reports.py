@@ -94,7 +94,7 @@ def win_rates(session: Session) -> pd.DataFrame:
 #: the round measured before it, gets a warning. Chosen on the taste benchmark's rounds
 #: (docs/benchmarks.md §5): no pair of thresholds makes 8 picks' agreement a sure sign (on
 #: examples' prompts 1 in 4 flagged rounds had lost ground, 1 in 5 of all rounds did; on the
-#: open prompts 1 in 8, against 1 in 6), so the warning is kept for the clearer cases: at most
+#: open prompts 1 in 7, against 1 in 6), so the warning is kept for the clearer cases: at most
 #: 2 of 8 picks, or 3 fewer than the round before (12% of the rounds, where 0.5 and 0.2
 #: flagged 29%).
 AGREEMENT_FLOOR = 0.375
@@ -173,9 +173,9 @@ def round_warnings(session: Session, round_id: int) -> tuple[list[str], int | No
         share = f"{round(row['agreement'] * row['picks'])} of your {row['picks']} new picks"
         # what the benchmark says such a warning is worth (see AGREEMENT_FLOOR)
         odds = (
-            "A few picks make this a weak sign: on the taste benchmark 1 in 8 to 1 in 4 "
-            "rounds flagged like this had lost ground, about as many as of the rounds not "
-            "flagged, and most still gained."
+            "A few picks make this a weak sign: on the taste benchmark 1 in 7 to 1 in 4 "
+            "rounds flagged like this had lost ground (1 in 6 to 1 in 5 of all rounds did), "
+            "and most still gained."
         )
         flag = agreement_flag(row["agreement"], None if before is None else before["agreement"])
         if flag == "floor":
