@@ -344,7 +344,8 @@ def main(
     ``out`` names the cache folder under bench/results; ``runner`` and ``describe`` as in
     :func:`run_specs`. With ``prompt_sets`` ({name: (prompts, cache folder)}, the first the
     default) ``--prompts NAME`` chooses the prompts, passed on as ``specs(seeds, rounds,
-    prompts)``, and with them the cache folder.
+    prompts)``, and with them the cache folder; the plot is then named after the results
+    folder (docs/img/<folder>.png), so runs kept elsewhere with ``--out`` get their own.
     """
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--seeds", type=int, default=seeds)
@@ -382,10 +383,11 @@ def main(
     if prompt_sets:
         prompts, out = prompt_sets[args.prompts]
         all_specs = specs(args.seeds, args.rounds, prompts)
-        plot = f"{out}.png"  # each set's own
     else:
         all_specs = specs(args.seeds, args.rounds)
     args.out = args.out or ROOT / "bench" / "results" / out
+    if prompt_sets:  # each folder's own plot: --out elsewhere leaves the docs' plots alone
+        plot = f"{args.out.name}.png"
     args.plot = args.plot or ROOT / "docs" / "img" / plot
     if args.only:
         all_specs = [s for s in all_specs if s["variant"] in args.only.split(",")]
