@@ -146,8 +146,9 @@ class DiffusionKTOConfig(PickSettings):
         high=100,
         help="Passes over the round's items. 3 learned every taste at least as well as 2 on the "
         "taste benchmark (mean win rate 0.85 against 0.80: top-left 0.80, roundness 0.95, "
-        "detail 0.81), at about 1.3× a round's time; random picks drifted no less. 4 learned "
-        "less again (0.83: contrast and roundness lower) (docs/benchmarks.md §5).",
+        "detail 0.81; 0.82 against 0.80 with both on the CPU), at about 1.3× a round's time; "
+        "random picks drifted no less. 4 ended level with 3 on the CPU (0.83 against 0.82) at "
+        "4/3 the time (docs/benchmarks.md §5).",
     )
     beta: float = setting(
         5000.0,
