@@ -333,7 +333,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "kto-replay-b5000-grid": ("kto", {**_KTO_5000, "reference_point": "grid"}),
     # a third pass over each round's items: more learning a round, β 5000's saturation to
     # bound the drift (at 2, top-left and detail still rose at round 3). The defaults since it
-    # learned every taste at least as well on the open prompts (mean 0.85 against 0.80)
+    # learned every taste at least as well on the open prompts (mean 0.85 against 0.80, most
+    # of its runs on a GPU; 0.82 against 0.80 with both on the CPU)
     "kto-replay-b5000-e3": ("kto", {**_KTO_5000, "epochs": 3}),
     # and a fourth: did the third epoch's gain on top-left and detail have more to give? On
     # the CPU, level with it (mean 0.83 against 0.82) at 4/3 the time
