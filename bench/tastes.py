@@ -853,12 +853,13 @@ def ceilings(results: list[dict]) -> str:
             continue
         base = np.concatenate([r["eval_scores"][0][taste] for r in runs_])
         tuned = np.concatenate([r["eval_scores"][-1][taste] for r in runs_])
-        top = base >= np.percentile(base, 90)
-        won = tuned > base
-        ceiling = won[top].mean() * top.mean() + (~top).mean()
+        cut = np.percentile(base, 90)
+        top = base >= cut
+        on_top, rest = (paired_win_rate(tuned[m], base[m]) for m in (top, ~top))
+        ceiling = on_top * top.mean() + (~top).mean()
         lines.append(
-            f"| {taste} | {np.percentile(base, 90):.3g} | {tuned.max():.3g} | "
-            f"{won[top].mean():.2f} | {won[~top].mean():.2f} | {won.mean():.2f} | {ceiling:.2f} |"
+            f"| {taste} | {cut:.3g} | {tuned.max():.3g} | {on_top:.2f} | {rest:.2f} | "
+            f"{paired_win_rate(tuned, base):.2f} | {ceiling:.2f} |"
         )
     return "\n".join(lines)
 
