@@ -110,8 +110,16 @@ def stale_settings(result: dict, s: dict) -> dict[str, tuple]:
     return {
         k: (ran[k], asked[k])
         for k in sorted((ran.keys() & asked.keys()) - MEMORY_ONLY)
-        if ran[k] != asked[k]
+        if _differs(ran[k], asked[k])
     }
+
+
+def _differs(ran, asked) -> bool:
+    """Whether a setting ran otherwise than asked; in a group of settings (the adapter's),
+    only the ones both know count, as at the top level."""
+    if isinstance(ran, dict) and isinstance(asked, dict):
+        return any(_differs(ran[k], asked[k]) for k in ran.keys() & asked.keys())
+    return ran != asked
 
 
 def set_aside_stale(specs: list[dict], out: Path) -> list[str]:

@@ -186,6 +186,10 @@ _BASE_CACHE: dict[tuple, dict[str, list[float]]] = {}
 
 _DDPO_ONE_PAIR = {"pairs": "best-worst", "noise_draws": 20}
 _CONV_LORA = {"targets": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]}
+_BLOCK_LORA = {
+    "targets": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+    + ["proj_in", "proj_out"]
+}
 _D3PO_CONV = {"replay": True, "lora": _CONV_LORA}
 _DDPO_CONV = {"pairs": "implied", "noise_draws": 4, "replay": True, "lora": _CONV_LORA}
 #: KTO's earlier defaults, stated so their runs stay true: β 2500 (until β 5000 won) and 2
@@ -339,6 +343,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # and a fourth: did the third epoch's gain on top-left and detail have more to give? On
     # the CPU, level with it (mean 0.83 against 0.82) at 4/3 the time
     "kto-replay-b5000-e4": ("kto", {**_KTO_5000, "epochs": 4}),
+    # the defaults with the adapter on every layer of the transformer blocks (their
+    # feed-forward and 1x1 projections too, as kohya's LoRA for SD): more room where the
+    # attention adapter already learns, none in the resnets
+    "kto-replay-b5000-e3-tf": ("kto", {**_KTO_5000, "epochs": 3, "lora": _BLOCK_LORA}),
+    # the defaults with DoRA: each adapted weight's magnitude learned apart from its direction
+    "kto-replay-b5000-e3-dora": ("kto", {**_KTO_5000, "epochs": 3, "lora": {"dora": True}}),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

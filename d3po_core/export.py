@@ -59,13 +59,18 @@ def export_diffusers(session: Session, round_id: int, out_dir: str | Path) -> Pa
 
 def kohya_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The UNet's adapter in kohya naming: ``lora_unet_<module>.lora_down/lora_up/alpha``."""
+    settings = lora_settings_of(unet)
+    if settings.dora:  # diffusers drops a kohya file's dora_scale: other images, no error
+        raise SettingsError(
+            "a DoRA adapter has no kohya form that loads back with the same images; export "
+            "it in diffusers format instead"
+        )
     family = family_of_unet(unet)
     peft_state = {
         family.kohya_module(key, unet.config): value
         for key, value in get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME).items()
     }
     kohya = convert_state_dict_to_kohya(peft_state)
-    settings = lora_settings_of(unet)
     out = {}
     for key, value in kohya.items():
         name = key if key.startswith("lora_unet_") else f"lora_unet_{key}"

@@ -35,6 +35,7 @@ def peft_config(settings: LoraSettings) -> LoraConfig:
         lora_alpha=settings.alpha,
         init_lora_weights="gaussian",
         target_modules=list(settings.targets),
+        use_dora=settings.dora,
     )
 
 
@@ -207,7 +208,10 @@ def lora_settings_of(unet: torch.nn.Module) -> LoraSettings:
     """The settings of the adapter the UNet carries."""
     config = unet.peft_config[ADAPTER_NAME]
     return LoraSettings(
-        rank=config.r, alpha=config.lora_alpha, targets=sorted(config.target_modules)
+        rank=config.r,
+        alpha=config.lora_alpha,
+        targets=sorted(config.target_modules),
+        dora=bool(config.use_dora),
     )
 
 

@@ -228,6 +228,11 @@ class LoraSettings(Settings):
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
         help="UNet module names that get adapters (the attention projections).",
     )
+    dora: bool = setting(
+        False,
+        help="DoRA (Liu et al. 2024): each adapted weight's magnitude learned apart from its "
+        "direction.",
+    )
 
 
 @dataclass

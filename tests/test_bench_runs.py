@@ -77,7 +77,12 @@ def test_a_run_made_before_a_default_changed_is_set_aside_and_left_out(tmp_path)
     ran = runs.config_of(s).to_dict()
     still = {**ran, "gradient_checkpointing": False}  # memory only
     del still["reference_point"]  # added since: its default is the old behaviour
+    still["lora"] = {k: v for k, v in ran["lora"].items() if k != "dora"}  # and in a group
     assert runs.stale_settings({"method": "kto", "full_config": still}, s) == {}
+    wider = {**ran, "lora": {**ran["lora"], "rank": 8}}
+    assert runs.stale_settings({"method": "kto", "full_config": wider}, s) == {
+        "lora": (wider["lora"], ran["lora"])
+    }
     old = {**ran, "beta": 2500.0}
     assert runs.stale_settings({"method": "kto", "full_config": old}, s) == {
         "beta": (2500.0, 5000.0)

@@ -21,6 +21,7 @@ from d3po_core.models import (
     save_lora,
 )
 from d3po_core.sampling import sample_grid
+from d3po_core.settings import LoraSettings
 
 from .conftest import FAST
 
@@ -90,8 +91,9 @@ def test_disabled_adapter_is_exactly_the_base_unet(pipe):
     assert not torch.allclose(_unet_out(pipe), before)
 
 
-def test_saved_adapter_loads_in_plain_diffusers_with_same_images(pipe, tiny_eps, tmp_path):
-    add_lora(pipe.unet)
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_saved_adapter_loads_in_plain_diffusers_with_same_images(pipe, tiny_eps, tmp_path, dora):
+    add_lora(pipe.unet, LoraSettings(dora=dora))
     with torch.no_grad():
         for p in lora_parameters(pipe.unet):
             p.add_(0.05 * torch.randn_like(p))
@@ -114,7 +116,7 @@ def test_saved_adapter_loads_in_plain_diffusers_with_same_images(pipe, tiny_eps,
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
 
     fresh = load_pipeline(tiny_eps, device="cpu")
-    load_lora(fresh.unet, tmp_path / "lora")
+    assert load_lora(fresh.unet, tmp_path / "lora").dora is dora
     again = sample_grid(fresh, "a red circle", settings, seed=3).trajectory.latents[:, -1]
     torch.testing.assert_close(again, ours, atol=1e-6, rtol=1e-6)
 

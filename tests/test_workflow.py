@@ -17,6 +17,7 @@ from d3po_core.models import has_lora, load_pipeline
 from d3po_core.sampling import sample_grid
 from d3po_core.scorers import jpeg_compressibility
 from d3po_core.session import Session
+from d3po_core.settings import LoraSettings
 from d3po_core.workflow import (
     activate,
     generate,
@@ -132,6 +133,21 @@ def test_exports_load_back_in_diffusers_with_the_same_images(pipe, tiny_eps, ses
     b = _plain_latents(with_kohya)
     assert not torch.allclose(a, base, atol=1e-4)
     torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+
+
+def test_dora_adapter_exports_for_diffusers_and_kohya_refuses_it(pipe, tiny_eps, session, tmp_path):
+    _label_two_grids(pipe, session)
+    config = D3POConfig(epochs=2, batch_size=4, learning_rate=1e-2, lora=LoraSettings(dora=True))
+    train_round(pipe, session, config)
+    lora_file = export_diffusers(session, 1, tmp_path / "lora")
+    with_diffusers = _plain_pipe(tiny_eps)
+    with_diffusers.load_lora_weights(lora_file.parent)
+    a = _plain_latents(with_diffusers)
+    assert not torch.allclose(a, _plain_latents(_plain_pipe(tiny_eps)), atol=1e-4)
+    # diffusers drops a kohya file's dora_scale (other images, no error): refused, no file
+    with pytest.raises(SettingsError, match="DoRA adapter has no kohya form"):
+        export_kohya(pipe.unet, tmp_path / "kohya.safetensors")
+    assert not (tmp_path / "kohya.safetensors").exists()
 
 
 def test_picks_export_parquet_and_jsonl(pipe, session, tmp_path):
