@@ -231,7 +231,7 @@ class LoraSettings(Settings):
     dora: bool = setting(
         False,
         help="DoRA (Liu et al. 2024): each adapted weight's magnitude learned apart from its "
-        "direction.",
+        "direction; exports in diffusers' format only (no kohya file).",
     )
 
 

@@ -41,8 +41,8 @@ _LOOP_HIDDEN = {
     "--train-seed); picking it by hand changes nothing a labeler can judge",
     "lora.targets": "UNet module names: a wrong one fails the round, and only the first round "
     "of a session reads it",
-    "lora.dora": "a benchmark option: DoRA learned the tastes as LoRA did and drifted more "
-    "under random picks (docs/benchmarks.md §5), and has no kohya export",
+    "lora.dora": "a CLI option for now: DoRA learned the tastes a little more than LoRA "
+    "(docs/benchmarks.md §5), but a DoRA adapter has no kohya export, which the studio offers",
 }
 #: why a loss on fresh noise levels of the final images hides the recorded steps' fraction
 _NOISE_LEVELS_HIDDEN = {
