@@ -1,6 +1,6 @@
 """Does a round stay fast as picks pile up? Round 5 against round 1 at the defaults.
 
-    python bench/round_cost.py [--rounds 5] [--seeds 3] [--method diffusion-dpo]
+    python bench/round_cost.py [--rounds 5] [--seeds 3] [--method diffusion-dpo] [--dora]
 
 Each seed runs R rounds of 8 grids of 4 (20 steps), labeled by a scripted taste, at the
 method's defaults (replay draws as many earlier picks as there are new ones, so a round trains
@@ -26,15 +26,16 @@ from d3po_core.models import default_model, load_pipeline
 from d3po_core.objectives import METHODS
 from d3po_core.sampling import SampleSettings
 from d3po_core.session import Session
-from d3po_core.settings import DEFAULT_METHOD
+from d3po_core.settings import DEFAULT_METHOD, LoraSettings
 from d3po_core.simulate import EvalSet, simulate
 
 
-def run(method: str, rounds: int, seed: int) -> list[dict]:
+def run(method: str, rounds: int, seed: int, dora: bool = False) -> list[dict]:
     pipe = load_pipeline(default_model(), device="cpu")
     pipe.set_progress_bar_config(disable=True)
     settings = SampleSettings(n=4, steps=20, guidance=pipe.recommended.get("guidance", 7.5))
-    config = METHODS[method].config(seed=seed)
+    adapter = {"lora": LoraSettings(dora=True)} if dora else {}  # else the method's own
+    config = METHODS[method].config(seed=seed, **adapter)
     with tempfile.TemporaryDirectory() as tmp, Session.open(Path(tmp) / "s") as session:
         return simulate(
             pipe,
@@ -57,16 +58,18 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--method", default=DEFAULT_METHOD)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dora", action="store_true", help="a DoRA adapter instead of LoRA")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     for seed in range(args.seeds):
-        for row in run(args.method, args.rounds, seed)[1:]:
+        for row in run(args.method, args.rounds, seed, args.dora)[1:]:
             rows.append({"seed": seed, **row})
     df = pd.DataFrame(rows)
     per_round = df.groupby("round")[["seconds", "train_seconds"]].median()
-    print(f"{args.method} at its defaults, {args.seeds} seeds; {machine()}\n")
+    adapter = " with DoRA" if args.dora else ""
+    print(f"{args.method} at its defaults{adapter}, {args.seeds} seeds; {machine()}\n")
     print("| round | round (s, median) | training loop (s, median) |")
     print("|---|---|---|")
     for r, row in per_round.iterrows():
