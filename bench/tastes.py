@@ -352,6 +352,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # (ahead of the defaults on the same 6 seeds on the CPU, 0.84 against 0.80, detail higher
     # on every seed; random picks moved top-left further, 0.36 against 0.41)
     "kto-replay-b5000-e3-dora": ("kto", {**_KTO_5000, "epochs": 3, "lora": {"dora": True}}),
+    # DoRA with a fourth epoch, or with twice the rank (the same scale): does DoRA's gain on
+    # top-left and detail have more to give?
+    "kto-replay-b5000-e4-dora": ("kto", {**_KTO_5000, "epochs": 4, "lora": {"dora": True}}),
+    "kto-replay-b5000-e3-dora-r8": (
+        "kto",
+        {**_KTO_5000, "epochs": 3, "lora": {"dora": True, "rank": 8, "alpha": 8.0}},
+    ),
 }
 
 #: the variant the detailed tables and the plot describe: the engine's defaults

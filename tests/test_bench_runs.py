@@ -116,6 +116,8 @@ def test_the_stored_benchmark_runs_are_what_their_specs_ask_of_todays_engine():
     benches = [(tastes.specs(9, 3, prompts), out) for prompts, out in tastes.PROMPT_SETS.values()]
     # the defaults' open-prompt runs made again on the CPU (most of the first ran on a GPU)
     benches += [(tastes.specs(3, 3, tastes.OPEN_PROMPTS), "tastes-open-cpu")]
+    # the defaults and the DoRA variants on one H200 (seeds 0-2)
+    benches += [(tastes.specs(3, 3, tastes.OPEN_PROMPTS), "tastes-open-h200")]
     benches += [(learning.specs(6, 3), "learning"), (ablation.specs(6, 4), "ablation")]
     for specs, out in benches:
         for s in specs:
