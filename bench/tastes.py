@@ -677,6 +677,46 @@ def compare(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def paired(results: list[dict], against: str = DEFAULT_VARIANT) -> str:
+    """Each variant against ``against`` run by run: the last-round win rate on its own taste
+    minus that of ``against``'s run with the same taste and seed on the same machine (machines
+    draw other images from one seed, so only such pairs compare), mean ± standard error."""
+    last = {
+        (r["variant"], r["objective"], r["seed"], r["machine"]): r["table"][-1]["tastes"][
+            r["objective"]
+        ]["win_rate"]
+        for r in results
+        if r["objective"] in TASTES
+    }
+    lines = [
+        f"| variant | pairs with {against} (same taste, seed, machine) | difference: mean ± se "
+        "| higher / lower | " + " | ".join(TASTES) + " |",
+        "|---|---|---|---|" + "---|" * len(TASTES),
+    ]
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        if variant == against:
+            continue
+        diffs = {
+            key[1:]: value - last[(against, *key[1:])]
+            for key, value in last.items()
+            if key[0] == variant and (against, *key[1:]) in last
+        }
+        if not diffs:
+            continue
+        values = np.array(list(diffs.values()))
+        se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+        per_taste = [
+            [d for (taste, _seed, _machine), d in diffs.items() if taste == name] for name in TASTES
+        ]
+        lines.append(
+            f"| {variant} | {len(values)} | {values.mean():+.3f} ± {se:.3f} | "
+            f"{(values > 0).sum()} / {(values < 0).sum()} | "
+            + " | ".join(f"{np.mean(d):+.2f} ({len(d)})" if d else "–" for d in per_taste)
+            + " |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else f"(no run pairs with {against})"
+
+
 def seed_noise(df: pd.DataFrame, seeds: int = 3) -> str:
     """How far a mean over ``seeds`` seeds moves by chance: the sd over seeds of a run's
     last-round win rate (its own picks; random picks) and of its change from one round to the
@@ -889,6 +929,8 @@ def report(results: list[dict], plot_path: Path) -> None:
     ``--only VARIANT``, of that variant: an earlier default's)."""
     df = frame(results)
     print(compare(df))
+    print()
+    print(paired(results))
     print()
     print(seed_noise(df))
     print()

@@ -266,3 +266,33 @@ def test_a_folder_of_runs_on_other_prompts_is_refused_and_kept(tmp_path):
     same = report("--prompts", "named")
     assert same.returncode == 0, same.stderr
     assert "results 1 out.png" in same.stdout  # the results folder names its plot
+
+
+def test_variants_pair_with_the_defaults_run_by_run_on_one_machine_only():
+    """paired: a variant's last-round win rate on its own taste minus the defaults' run of the
+    same taste and seed, counted only where both ran on the same machine."""
+    import tastes
+
+    def run(variant, taste, seed, machine, win):
+        last = {"tastes": {taste: {"win_rate": win}}}
+        return {"variant": variant, "objective": taste, "seed": seed, "machine": machine,
+                "table": [{"tastes": {taste: {"win_rate": 0.5}}}, last]}  # fmt: skip
+
+    base, other = tastes.DEFAULT_VARIANT, "v"
+    results = [
+        run(base, "warmth", 0, "cpu", 0.80),
+        run(other, "warmth", 0, "cpu", 0.90),  # +0.10
+        run(base, "detail", 0, "cpu", 0.70),
+        run(other, "detail", 0, "cpu", 0.60),  # -0.10
+        run(base, "detail", 1, "cpu", 0.50),
+        run(other, "detail", 1, "cpu", 0.80),  # +0.30
+        run(base, "contrast", 0, "gpu", 0.80),
+        run(other, "contrast", 0, "cpu", 0.20),  # another machine: no pair
+        run(other, "random", 0, "cpu", 0.10),  # the control is not a taste
+    ]
+    row = next(line for line in tastes.paired(results).splitlines() if line.startswith("| v |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # three pairs, mean +0.10, se = sd(0.1, -0.1, 0.3) / sqrt(3) = 0.2 / sqrt(3)
+    assert cells[1:4] == ["3", "+0.100 ± 0.115", "2 / 1"]
+    assert cells[4:] == ["+0.10 (1)", "–", "–", "–", "+0.10 (2)"]
+    assert "no run pairs" in tastes.paired([run(other, "warmth", 0, "cpu", 0.9)])
