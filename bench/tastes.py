@@ -355,6 +355,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # DoRA with a fourth epoch, or with twice the rank (the same scale): does DoRA's gain on
     # top-left and detail have more to give?
     "kto-replay-b5000-e4-dora": ("kto", {**_KTO_5000, "epochs": 4, "lora": {"dora": True}}),
+    # prior preservation: the adapter's prediction on the images each pick left unlabeled
+    # held to the base's (preserve × β/2 × its mean square), against the drift random picks
+    # cause (shapes move from the top-left)
+    "kto-replay-b5000-e3-keep0.03": ("kto", {**_KTO_5000, "epochs": 3, "preserve": 0.03}),
+    "kto-replay-b5000-e3-keep0.3": ("kto", {**_KTO_5000, "epochs": 3, "preserve": 0.3}),
     "kto-replay-b5000-e3-dora-r8": (
         "kto",
         {**_KTO_5000, "epochs": 3, "lora": {"dora": True, "rank": 8, "alpha": 8.0}},

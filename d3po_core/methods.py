@@ -200,6 +200,16 @@ class DiffusionKTOConfig(PickSettings):
         "loss then scores the denoiser the grids come from, at twice the UNet rows. It learned "
         "less on the taste benchmark (docs/benchmarks.md §5).",
     )
+    preserve: float = setting(
+        0.0,
+        low=0,
+        high=100,
+        help="Prior preservation: weight of a penalty holding the adapter's prediction on the "
+        "images a pick left unlabeled (a grid's middle ones, at each item's noise level) to "
+        "the base model's, so what the picks did not single out (where a seed's shape lands, "
+        "say) stays as the base draws it; 0 is off. Needs grids of 3 or more images; a round "
+        "costs about twice the UNet rows.",
+    )
     reference_point: Literal["kl", "mean", "grid"] = setting(
         "kl",
         help="What an image's reward is judged against: kl, the batch's mean reward but at "

@@ -41,8 +41,8 @@ _LOOP_HIDDEN = {
     "--train-seed); picking it by hand changes nothing a labeler can judge",
     "lora.targets": "UNet module names: a wrong one fails the round, and only the first round "
     "of a session reads it",
-    "lora.dora": "a CLI option for now: DoRA learned the tastes a little more than LoRA "
-    "(docs/benchmarks.md §5), but a DoRA adapter has no kohya export, which the studio offers",
+    "lora.dora": "a CLI option: DoRA learned the tastes as LoRA did over two machines "
+    "(docs/benchmarks.md §5), and a DoRA adapter has no kohya export, which the studio offers",
 }
 #: why a loss on fresh noise levels of the final images hides the recorded steps' fraction
 _NOISE_LEVELS_HIDDEN = {
@@ -59,6 +59,8 @@ _KTO_HIDDEN = {
     "ones (docs/benchmarks.md §5)",
     "guided_loss": "a benchmark option: judging images by the guided prediction learned less, "
     "at twice the UNet rows (docs/benchmarks.md §5)",
+    "preserve": "a benchmark option: prior preservation on the unlabeled images of each grid, "
+    "measured against the drift of random picks (docs/benchmarks.md §5)",
 }
 _PREFERENCE_HIDDEN = {
     **_LOOP_HIDDEN,

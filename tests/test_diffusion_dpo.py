@@ -260,3 +260,69 @@ def test_kto_grid_reference_point_is_the_mean_reward_of_the_image_s_grid(pipe, t
     assert all(len(points) == 1 for points in z.values())  # one point a (pick, draw)
     assert len({next(iter(points)) for points in z.values()}) > 1  # not the batch's
     assert torch.allclose(terms["loss"], 1 - torch.sigmoid(terms["mean_delta"]))
+
+
+def _kept_gap(pipe, examples) -> float:
+    """The mean square of the adapter's prediction minus the base's on the picks' unlabeled
+    images (1 and 2 of each 4-grid), at fixed noise levels."""
+    gen = torch.Generator().manual_seed(7)
+    gaps = []
+    for ex in examples:
+        final = ex.trajectory.latents[[1, 2], -1]
+        eps = torch.randn(final.shape, generator=gen)
+        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (2,), generator=gen)
+        noisy = pipe.scheduler.add_noise(final, eps, t)
+        cond = Cond.stack([ex.trajectory.cond[0]] * 2)
+        with torch.no_grad():
+            tuned = guided_model_output(pipe.unet, noisy, t, cond, None, 1.0)
+            with base_model(pipe.unet):
+                base = guided_model_output(pipe.unet, noisy, t, cond, None, 1.0)
+        gaps.append(float(((tuned - base) ** 2).mean()))
+    return sum(gaps) / len(gaps)
+
+
+def test_kto_preserve_holds_the_unlabeled_images_to_the_base(pipe, tmp_path):
+    """preserve: each item also scores one of its grid's unlabeled images (by draw) at the
+    item's (t, ε), preserve·β/2 × the mean square of the adapter's prediction minus the base's
+    added to its loss; trained with it, a round moves the model less on those images."""
+    gaps = {}
+    for preserve in (0.0, 20.0):
+        remove_lora(pipe.unet)
+        with Session.open(tmp_path / f"s{preserve}") as session:
+            examples = circle_picks(pipe, session)
+            config = DiffusionKTOConfig(
+                epochs=2, noise_draws=8, learning_rate=3e-3, preserve=preserve
+            )
+            train_round(pipe, session, config)
+        gaps[preserve] = _kept_gap(pipe, examples)
+    assert gaps[20.0] < 0.5 * gaps[0.0], gaps
+
+    config = DiffusionKTOConfig(noise_draws=2, beta=2500.0, preserve=2.0)
+    objective = KTOObjective(examples, config)
+    assert (
+        objective.rows_per_item()
+        == 2 * KTOObjective(examples, DiffusionKTOConfig()).rows_per_item()
+    )
+    (batch,) = make_batches(objective.trajectories, objective.items()[:8], 8, 0)
+    with torch.no_grad():
+        objective.prepare(pipe, [batch])
+        terms = objective.terms(pipe, batch)
+    num_train = pipe.scheduler.config.num_train_timesteps
+    for item, penalty in zip(batch.items, terms["preservation"], strict=True):
+        e, image, _, d, _sign = item
+        kept = [1, 2][d % 2]  # best 0 and worst 3 labeled: the others by draw
+        traj = examples[e].trajectory
+        gen = torch.Generator().manual_seed(hash((config.seed, e, image, image, d)) % 2**62)
+        final = traj.latents[kept : kept + 1, -1]
+        eps = torch.randn(final.shape[1:], generator=gen)
+        t = noise_level(gen, num_train, 0.0).expand(1)
+        noisy = pipe.scheduler.add_noise(final, eps.expand_as(final), t)
+        cond = Cond.stack([traj.cond[0]])
+        with torch.no_grad():
+            tuned = guided_model_output(pipe.unet, noisy, t, cond, None, 1.0)
+            with base_model(pipe.unet):
+                base = guided_model_output(pipe.unet, noisy, t, cond, None, 1.0)
+        expected = 2.0 * 1250 * float(((tuned - base) ** 2).mean())
+        assert expected > 0 and abs(float(penalty) - expected) < 1e-3 * expected + 1e-6
+    plain = 1 - torch.sigmoid(terms["mean_delta"])
+    assert torch.allclose(terms["loss"], plain + terms["preservation"])

@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models import REFERENCE_WEIGHT, scaled_lora
+from ..models import REFERENCE_WEIGHT, base_model, scaled_lora
 from ..rounds import Batch, Objective, SettingsKey
 from .d3po import anchor_penalty, pick_pairs
-from .implicit import denoising_error
+from .implicit import denoising_error, noised_prediction
 
 
 def noise_level(
@@ -77,6 +77,10 @@ class DiffusionDPOObjective(Objective):
     def _row_errors(self, pipe, key: SettingsKey, rows: list[tuple[tuple, int]]) -> torch.Tensor:
         """Denoising errors of (item, image) rows in one UNet call: image ``image`` of the
         item's grid, noised with the item's (t, ε)."""
+        return denoising_error(pipe, *self._row_inputs(pipe, key, rows))
+
+    def _row_inputs(self, pipe, key: SettingsKey, rows: list[tuple[tuple, int]]) -> tuple:
+        """The arguments of :func:`denoising_error` for (item, image) rows."""
         num_train = pipe.scheduler.config.num_train_timesteps
         latents, noise, ts, cond, uncond = [], [], [], [], []
         # the grids' guidance; whether it applies is guided_model_output's rule, as in sampling
@@ -93,7 +97,7 @@ class DiffusionDPOObjective(Objective):
             cond.append(traj.cond[0])
             if self.guided and traj.uncond is not None:
                 uncond.append(traj.uncond[0])
-        return denoising_error(pipe, latents, noise, ts, cond, uncond or None, guidance)
+        return latents, noise, ts, cond, uncond or None, guidance
 
     def _noise_key(self, item: tuple) -> tuple:
         """What seeds an item's (t, ε): the round's seed, the pick, the images, the draw."""
@@ -229,14 +233,65 @@ class KTOObjective(DiffusionDPOObjective):
         mean = dict(zip(groups, (part.mean() for part in errors.split(sizes)), strict=True))
         return torch.stack([mean[(item[0], item[3])] for item in batch.items])
 
+    def rows_per_item(self) -> int:
+        """An item's rows, and with ``preserve`` as many again for its unlabeled image."""
+        return super().rows_per_item() * (2 if self.config.preserve > 0 else 1)
+
+    def _kept_rows(self, batch: Batch) -> dict[int, tuple[tuple, int]]:
+        """With ``preserve``, each item's row (by its place in the batch) of an image its pick
+        left unlabeled, one of the grid's others by draw, noised with the item's (t, ε); none
+        for an item of a 2-image grid."""
+        rows = {}
+        for i, item in enumerate(batch.items):
+            ex = self.examples[item[0]]
+            n = len(self.trajectories[item[0]].latents)
+            others = [image for image in range(n) if image not in (ex.best, ex.worst)]
+            if others:
+                rows[i] = (item, others[item[3] % len(others)])
+        return rows if self.config.preserve > 0 else {}
+
+    def _kept_prediction(self, pipe, batch: Batch) -> tuple[list[int], torch.Tensor] | None:
+        """The UNet's prediction on the items' unlabeled images, and the items they belong to."""
+        rows = self._kept_rows(batch)
+        if not rows:
+            return None
+        inputs = self._row_inputs(pipe, batch.key, list(rows.values()))
+        pred, _target = noised_prediction(pipe, *inputs)
+        return list(rows), pred
+
     def prepare(self, pipe, batches: list[Batch]) -> None:
-        """The reference's errors (``ref_1``) and, with the grid as reference point, its mean
-        error over each item's grid at the item's draw (``ref_grid``)."""
+        """The reference's errors (``ref_1``); with the grid as reference point, its mean error
+        over each item's grid at the item's draw (``ref_grid``); with ``preserve``, the base
+        model's prediction on each item's unlabeled image (``base_kept``, a row an item, zero
+        where it has none)."""
         super().prepare(pipe, batches)
         if self._grid:
             with scaled_lora(pipe.unet, REFERENCE_WEIGHT[self._reference]):
                 for batch in batches:
                     batch.cache["ref_grid"] = self._grid_errors(pipe, batch)
+        with torch.no_grad(), base_model(pipe.unet):
+            for batch in batches:
+                kept = self._kept_prediction(pipe, batch)
+                if kept is None:
+                    continue
+                where, pred = kept
+                full = pred.new_zeros((len(batch.items), *pred.shape[1:]))
+                full[where] = pred
+                batch.cache["base_kept"] = full
+
+    def _preservation(self, pipe, batch: Batch, like: torch.Tensor) -> torch.Tensor:
+        """preserve · β/2 · the mean square of the adapter's prediction on the item's unlabeled
+        image minus the base model's: prior preservation (as DreamBooth's, on the labeler's own
+        grids), so what the picks did not single out is drawn as the base draws it."""
+        penalty = torch.zeros_like(like)
+        kept = self._kept_prediction(pipe, batch) if "base_kept" in batch.cache else None
+        if kept is None:
+            return penalty
+        where, pred = kept
+        base = batch.cache["base_kept"][where].to(pred)
+        gap = (pred - base).pow(2).flatten(1).mean(1)
+        penalty[where] = self.config.preserve * 0.5 * self.config.beta * gap.to(like)
+        return penalty
 
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
         (err,) = self._errors(pipe, batch)
@@ -253,8 +308,10 @@ class KTOObjective(DiffusionDPOObjective):
         sign = torch.tensor([item[4] for item in batch.items], dtype=reward.dtype)
         margin = sign.to(reward.device) * (reward - z)
         weight = torch.where(sign > 0, 1.0, self.config.undesirable_weight).to(reward)
+        kept = self._preservation(pipe, batch, reward)
         return {
-            "loss": weight * (1 - torch.sigmoid(margin)),
+            "loss": weight * (1 - torch.sigmoid(margin)) + kept,
+            "preservation": kept,
             "accuracy": (margin > 0).float(),
             "mean_delta": margin,
             "kl": 0.5 * reward**2,

@@ -41,6 +41,21 @@ def denoising_error(
     tensor), prompted by ``cond[i]`` (a trajectory's ``cond[0]``). The prediction is the
     conditional branch's, or with ``uncond`` rows and ``guidance`` > 1 the classifier-free
     guided one, as the sampler takes it."""
+    pred, target = noised_prediction(pipe, latents, noise, timesteps, cond, uncond, guidance)
+    return F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)
+
+
+def noised_prediction(
+    pipe,
+    latents: list[torch.Tensor],
+    noise: list[torch.Tensor],
+    timesteps: list[torch.Tensor],
+    cond: list[Cond],
+    uncond: list[Cond] | None = None,
+    guidance: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's prediction on the noised latents of :func:`denoising_error`, in one call, and
+    its target (the noise, or the velocity for v-prediction models), in float32."""
     device = pipe.unet.device
     latents, noise, timesteps = (
         torch.stack(part).to(device) for part in (latents, noise, timesteps)
@@ -54,7 +69,7 @@ def denoising_error(
         target = noise
     uncond = None if uncond is None else Cond.stack(uncond).to(device)
     pred = guided_model_output(pipe.unet, noisy, timesteps, cond, uncond, guidance)
-    return F.mse_loss(pred, target.float(), reduction="none").flatten(1).mean(1)
+    return pred, target.float()
 
 
 def image_rewards(
