@@ -360,6 +360,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # cause (shapes move from the top-left)
     "kto-replay-b5000-e3-keep0.03": ("kto", {**_KTO_5000, "epochs": 3, "preserve": 0.03}),
     "kto-replay-b5000-e3-keep0.3": ("kto", {**_KTO_5000, "epochs": 3, "preserve": 0.3}),
+    # and with twice the learning rate: does preservation let a round learn more at no drift?
+    "kto-replay-b5000-e3-keep0.03-lr2e-3": (
+        "kto",
+        {**_KTO_5000, "epochs": 3, "preserve": 0.03, "learning_rate": 2e-3},
+    ),
+    # no loss on the worst images: is the control's drift the unlearning of the worst ones?
+    "kto-replay-b5000-e3-u0": ("kto", {**_KTO_5000, "epochs": 3, "undesirable_weight": 0.0}),
     "kto-replay-b5000-e3-dora-r8": (
         "kto",
         {**_KTO_5000, "epochs": 3, "lora": {"dora": True, "rank": 8, "alpha": 8.0}},

@@ -1,0 +1,103 @@
+"""Where do random picks move the shapes? A round of random picks against random adapters.
+
+    python bench/placement.py [--seeds 3] [--draws 3] [--scales 0.03,0.06,0.1] [--variant V]
+
+The taste benchmark's control (random best and worst) moves shapes away from the top-left
+(docs/benchmarks.md §5). Is any change of the weights enough, or is it what training does?
+
+- Random adapters: the default adapter (rank 4 on the attention projections) with its
+  ``lora_B`` weights drawn from N(0, scale²), nothing trained.
+- Random picks: the taste benchmark's control run of the variant (the defaults unless told),
+  seed by seed, as ``bench/tastes.py`` runs it.
+
+Each is measured on the taste benchmark's evaluation set (4 open prompts x 16 seeds, each
+image on the base model's noise): the top-left win rate against the base, the mean shift of
+the shape's centre of mass (x right, y down, in px of the 64 px image) and the median distance
+it moved. Prints a markdown table; ~10 s an adapter and ~4 min a control run on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import numpy as np
+import runs
+import tastes
+import torch
+from runs import CONTROL, machine, prompts_of, random_labeler
+
+from d3po_core.models import add_lora, base_model, remove_lora
+from d3po_core.sampling import sample_grid
+
+
+def centres(pipe, settings, evals) -> tuple[np.ndarray, np.ndarray]:
+    """Each eval image's shape centre (x, y; NaN where no shape) and top-left score."""
+    one_by_one = replace(settings, shared_noise=False)
+    xy, score = [], []
+    for prompt in evals.prompts:
+        for image in sample_grid(pipe, prompt, one_by_one, seeds=evals.seeds).images:
+            mask = tastes.shape_mask(tastes._rgb(image))
+            ys, xs = np.nonzero(mask)
+            xy.append((xs.mean(), ys.mean()) if len(xs) else (np.nan, np.nan))
+            score.append(tastes.top_left(image))
+    return np.array(xy), np.array(score)
+
+
+def row(what: str, base: tuple, tuned: tuple) -> dict:
+    shift = tuned[0] - base[0]
+    diff = tuned[1] - base[1]
+    return {
+        "what": what,
+        "top_left win rate": float((diff > 0).mean() + 0.5 * (diff == 0).mean()),
+        "dx": float(np.nanmean(shift[:, 0])),
+        "dy": float(np.nanmean(shift[:, 1])),
+        "median distance": float(np.nanmedian(np.hypot(shift[:, 0], shift[:, 1]))),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3, help="control runs (0 skips them)")
+    p.add_argument("--draws", type=int, default=3, help="random adapters a scale")
+    p.add_argument("--scales", default="0.03,0.06,0.1", help="sd of the random lora_B weights")
+    p.add_argument("--variant", default=tastes.DEFAULT_VARIANT)
+    args = p.parse_args()
+    method, config = tastes.VARIANTS[args.variant]
+    rows = []
+    for seed in range(max(args.seeds, 1)):
+        s = runs.spec(args.variant, CONTROL, method, seed, rounds=3, config=config)
+        run = runs.Run.of(s, None)
+        pipe, settings = run.pipe, run.settings
+        evals = tastes.eval_set(prompts_of(s))
+        with base_model(pipe.unet):
+            base = centres(pipe, settings, evals)
+        if seed == 0:
+            centre = np.nanmean(base[0], axis=0)
+            add_lora(pipe.unet, seed=0)
+            weights = [w for n, w in pipe.unet.named_parameters() if "lora_B" in n]
+            for scale in (float(x) for x in args.scales.split(",")):
+                for draw in range(args.draws):
+                    gen = torch.Generator().manual_seed(1000 + draw)
+                    with torch.no_grad():
+                        for w in weights:
+                            w.copy_(torch.randn(w.shape, generator=gen) * scale)
+                    tuned = centres(pipe, settings, evals)
+                    rows.append(row(f"random adapter, sd {scale}, draw {draw}", base, tuned))
+                    print(rows[-1], flush=True)
+            remove_lora(pipe.unet)
+        if args.seeds:  # the control run as tastes.py runs it
+            run.simulate(random_labeler(seed), tastes._SIM_EVAL)
+            tuned = centres(pipe, settings, evals)
+            rows.append(row(f"random picks, 3 rounds, seed {seed}", base, tuned))
+            print(rows[-1], flush=True)
+    columns = list(rows[0])
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for r in rows:
+        cells = (f"{v:.2f}" if isinstance(v, float) else v for v in r.values())
+        print("| " + " | ".join(cells) + " |")
+    print(f"\nthe base's mean shape centre: x {centre[0]:.1f}, y {centre[1]:.1f} px; {machine()}")
+
+
+if __name__ == "__main__":
+    main()
