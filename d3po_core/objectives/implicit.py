@@ -27,21 +27,10 @@ from ..models import base_model, has_lora
 from ..sampling import guided_model_output
 
 
-def denoising_error(
-    pipe,
-    latents: list[torch.Tensor],
-    noise: list[torch.Tensor],
-    timesteps: list[torch.Tensor],
-    cond: list[Cond],
-    uncond: list[Cond] | None = None,
-    guidance: float = 1.0,
-) -> torch.Tensor:
+def denoising_error(pipe, *inputs, **options) -> torch.Tensor:
     """Per-item mean squared error of the UNet's prediction on noised latents, in one UNet
-    call; item i is ``latents[i]`` noised with ``noise[i]`` to ``timesteps[i]`` (a 0-d
-    tensor), prompted by ``cond[i]`` (a trajectory's ``cond[0]``). The prediction is the
-    conditional branch's, or with ``uncond`` rows and ``guidance`` > 1 the classifier-free
-    guided one, as the sampler takes it."""
-    pred, target = noised_prediction(pipe, latents, noise, timesteps, cond, uncond, guidance)
+    call; the arguments as :func:`noised_prediction`'s."""
+    pred, target = noised_prediction(pipe, *inputs, **options)
     return F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)
 
 
@@ -54,8 +43,11 @@ def noised_prediction(
     uncond: list[Cond] | None = None,
     guidance: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The UNet's prediction on the noised latents of :func:`denoising_error`, in one call, and
-    its target (the noise, or the velocity for v-prediction models), in float32."""
+    """The UNet's prediction on noised latents, in one call, and its target (the noise, or the
+    velocity for v-prediction models), both in float32. Item i is ``latents[i]`` noised with
+    ``noise[i]`` to ``timesteps[i]`` (a 0-d tensor), prompted by ``cond[i]`` (a trajectory's
+    ``cond[0]``). The prediction is the conditional branch's, or with ``uncond`` rows and
+    ``guidance`` > 1 the classifier-free guided one, as the sampler takes it."""
     device = pipe.unet.device
     latents, noise, timesteps = (
         torch.stack(part).to(device) for part in (latents, noise, timesteps)
