@@ -66,7 +66,15 @@ def main() -> None:
     method, config = tastes.VARIANTS[args.variant]
     rows = []
     for seed in range(max(args.seeds, 1)):
-        s = runs.spec(args.variant, CONTROL, method, seed, rounds=3, config=config)
+        s = runs.spec(
+            args.variant,
+            CONTROL,
+            method,
+            seed,
+            rounds=3,
+            config=config,
+            prompts=tastes.OPEN_PROMPTS,
+        )
         run = runs.Run.of(s, None)
         pipe, settings = run.pipe, run.settings
         evals = tastes.eval_set(prompts_of(s))
