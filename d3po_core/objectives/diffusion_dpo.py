@@ -241,14 +241,16 @@ class KTOObjective(DiffusionDPOObjective):
         """With ``preserve``, each item's row (by its place in the batch) of an image its pick
         left unlabeled, one of the grid's others by draw, noised with the item's (t, ε); none
         for an item of a 2-image grid."""
-        rows = {}
+        rows: dict[int, tuple[tuple, int]] = {}
+        if self.config.preserve <= 0:
+            return rows
         for i, item in enumerate(batch.items):
             ex = self.examples[item[0]]
             n = len(self.trajectories[item[0]].latents)
             others = [image for image in range(n) if image not in (ex.best, ex.worst)]
             if others:
                 rows[i] = (item, others[item[3] % len(others)])
-        return rows if self.config.preserve > 0 else {}
+        return rows
 
     def _kept_prediction(self, pipe, batch: Batch) -> tuple[list[int], torch.Tensor] | None:
         """The UNet's prediction on the items' unlabeled images, and the items they belong to."""
@@ -269,6 +271,8 @@ class KTOObjective(DiffusionDPOObjective):
             with scaled_lora(pipe.unet, REFERENCE_WEIGHT[self._reference]):
                 for batch in batches:
                     batch.cache["ref_grid"] = self._grid_errors(pipe, batch)
+        if self.config.preserve <= 0:
+            return
         with torch.no_grad(), base_model(pipe.unet):
             for batch in batches:
                 kept = self._kept_prediction(pipe, batch)
