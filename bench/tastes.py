@@ -365,6 +365,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "kto",
         {**_KTO_5000, "epochs": 3, "preserve": 0.03, "learning_rate": 2e-3},
     ),
+    # preservation on the noisier half of the schedule only, where a seed's layout is
+    # decided: does it hold placement under random picks and leave colour, contrast and
+    # texture free to learn?
+    "kto-replay-b5000-e3-keep0.1-hi": (
+        "kto",
+        {**_KTO_5000, "epochs": 3, "preserve": 0.1, "preserve_from": 0.5},
+    ),
+    "kto-replay-b5000-e3-keep0.03-hi": (
+        "kto",
+        {**_KTO_5000, "epochs": 3, "preserve": 0.03, "preserve_from": 0.5},
+    ),
     # no loss on the worst images: is the control's drift the unlearning of the worst ones?
     "kto-replay-b5000-e3-u0": ("kto", {**_KTO_5000, "epochs": 3, "undesirable_weight": 0.0}),
     "kto-replay-b5000-e3-dora-r8": (

@@ -212,6 +212,14 @@ class DiffusionKTOConfig(PickSettings):
         "benchmark's control band, top-left included, and tastes were learned less (contrast "
         "0.67, detail 0.59 on a seed; docs/benchmarks.md §5).",
     )
+    preserve_from: float = setting(
+        0.0,
+        low=0,
+        high=1,
+        help="The noise level (t/T) from which prior preservation applies: 0 at every level; "
+        "0.5 only on the noisier half of the schedule, where a sample's layout is decided, "
+        "leaving colour, contrast and texture free to follow the picks.",
+    )
     reference_point: Literal["kl", "mean", "grid"] = setting(
         "kl",
         help="What an image's reward is judged against: kl, the batch's mean reward but at "

@@ -61,6 +61,7 @@ _KTO_HIDDEN = {
     "at twice the UNet rows (docs/benchmarks.md §5)",
     "preserve": "a benchmark option: prior preservation on the unlabeled images of each grid, "
     "measured against the drift of random picks (docs/benchmarks.md §5)",
+    "preserve_from": "a benchmark option: the noise levels prior preservation applies at",
 }
 _PREFERENCE_HIDDEN = {
     **_LOOP_HIDDEN,

@@ -4,6 +4,7 @@ and Diffusion-KTO's per-image objective on the same picks."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -308,6 +309,7 @@ def test_kto_preserve_holds_the_unlabeled_images_to_the_base(pipe, tmp_path):
         objective.prepare(pipe, [batch])
         terms = objective.terms(pipe, batch)
     num_train = pipe.scheduler.config.num_train_timesteps
+    levels = []
     for item, penalty in zip(batch.items, terms["preservation"], strict=True):
         e, image, _, d, _sign = item
         kept = [1, 2][d % 2]  # best 0 and worst 3 labeled: the others by draw
@@ -324,5 +326,18 @@ def test_kto_preserve_holds_the_unlabeled_images_to_the_base(pipe, tmp_path):
                 base = guided_model_output(pipe.unet, noisy, t, cond, None, 1.0)
         expected = 2.0 * 1250 * float(((tuned - base) ** 2).mean())
         assert expected > 0 and abs(float(penalty) - expected) < 1e-3 * expected + 1e-6
+        levels.append(int(t))
     plain = 1 - torch.sigmoid(terms["mean_delta"])
     assert torch.allclose(terms["loss"], plain + terms["preservation"])
+
+    # preserve_from: the same penalty on the items noised at t/T ≥ 0.5, none on the others
+    high = torch.tensor([t >= num_train // 2 for t in levels])
+    assert high.any() and not high.all(), levels
+    objective = KTOObjective(examples, replace(config, preserve_from=0.5))
+    (batch,) = make_batches(objective.trajectories, objective.items()[:8], 8, 0)
+    with torch.no_grad():
+        objective.prepare(pipe, [batch])
+        upper = objective.terms(pipe, batch)
+    assert torch.equal(upper["preservation"] > 0, high)
+    assert torch.allclose(upper["preservation"][high], terms["preservation"][high], rtol=1e-4)
+    assert torch.allclose(upper["loss"], plain + upper["preservation"], rtol=1e-4)

@@ -85,19 +85,26 @@ class DiffusionDPOObjective(Objective):
         latents, noise, ts, cond, uncond = [], [], [], [], []
         # the grids' guidance; whether it applies is guided_model_output's rule, as in sampling
         guidance = key.guidance if self.guided else 1.0
-        slices = self.config.noise_draws if self._stratified else 0  # draw d from slice d
         for item, image in rows:
             traj = self.trajectories[item[0]]
             final = traj.latents[:, -1]
-            gen = torch.Generator().manual_seed(hash(self._noise_key(item)) % 2**62)
             latents.append(final[image])
-            noise.append(torch.randn(final.shape[1:], generator=gen))
-            stratum = (item[3], slices) if slices else None
-            ts.append(noise_level(gen, num_train, self._bias, stratum))
+            eps, t = self._noise_draw(item, num_train)
+            noise.append(eps)
+            ts.append(t)
             cond.append(traj.cond[0])
             if self.guided and traj.uncond is not None:
                 uncond.append(traj.uncond[0])
         return latents, noise, ts, cond, uncond or None, guidance
+
+    def _noise_draw(self, item: tuple, num_train: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The item's (ε, t): fixed by its noise key, so every pass sees the same ones."""
+        final = self.trajectories[item[0]].latents[:, -1]
+        gen = torch.Generator().manual_seed(hash(self._noise_key(item)) % 2**62)
+        eps = torch.randn(final.shape[1:], generator=gen)
+        slices = self.config.noise_draws if self._stratified else 0  # draw d from slice d
+        stratum = (item[3], slices) if slices else None
+        return eps, noise_level(gen, num_train, self._bias, stratum)
 
     def _noise_key(self, item: tuple) -> tuple:
         """What seeds an item's (t, ε): the round's seed, the pick, the images, the draw."""
@@ -237,14 +244,19 @@ class KTOObjective(DiffusionDPOObjective):
         """An item's rows, and with ``preserve`` as many again for its unlabeled image."""
         return super().rows_per_item() * (2 if self.config.preserve > 0 else 1)
 
-    def _kept_rows(self, batch: Batch) -> dict[int, tuple[tuple, int]]:
+    def _kept_rows(self, pipe, batch: Batch) -> dict[int, tuple[tuple, int]]:
         """With ``preserve``, each item's row (by its place in the batch) of an image its pick
         left unlabeled, one of the grid's others by draw, noised with the item's (t, ε); none
-        for an item of a 2-image grid."""
+        for an item of a 2-image grid, or one whose noise level is under ``preserve_from``."""
         rows: dict[int, tuple[tuple, int]] = {}
         if self.config.preserve <= 0:
             return rows
+        num_train = pipe.scheduler.config.num_train_timesteps
         for i, item in enumerate(batch.items):
+            if self.config.preserve_from > 0:
+                _eps, t = self._noise_draw(item, num_train)
+                if t < self.config.preserve_from * num_train:
+                    continue
             ex = self.examples[item[0]]
             n = len(self.trajectories[item[0]].latents)
             others = [image for image in range(n) if image not in (ex.best, ex.worst)]
@@ -254,7 +266,7 @@ class KTOObjective(DiffusionDPOObjective):
 
     def _kept_prediction(self, pipe, batch: Batch) -> tuple[list[int], torch.Tensor] | None:
         """The UNet's prediction on the items' unlabeled images, and the items they belong to."""
-        rows = self._kept_rows(batch)
+        rows = self._kept_rows(pipe, batch)
         if not rows:
             return None
         inputs = self._row_inputs(pipe, batch.key, list(rows.values()))
