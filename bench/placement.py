@@ -12,8 +12,11 @@ The taste benchmark's control (random best and worst) moves shapes away from the
 
 Each is measured on the taste benchmark's evaluation set (4 open prompts x 16 seeds, each
 image on the base model's noise): the top-left win rate against the base, the mean shift of
-the shape's centre of mass (x right, y down, in px of the 64 px image) and the median distance
-it moved. Prints a markdown table; ~10 s an adapter and ~4 min a control run on a 2-core CPU.
+the shape's centre of mass (x right, y down, in px of the 64 px image), the median distance
+it moved, the share of images whose placement (the nearest of the embedded world's five:
+center, left, right, top, bottom) changed, the top-left win rate of those that kept theirs,
+and how many images landed in each placement. Prints a markdown table; ~10 s an adapter and
+~4 min a control run on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import tastes
 import torch
 from runs import CONTROL, machine, prompts_of, random_labeler
 
+from d3po_core.embedded.world import PLACEMENTS
 from d3po_core.models import add_lora, base_model, remove_lora
 from d3po_core.sampling import sample_grid
 
@@ -44,16 +48,41 @@ def centres(pipe, settings, evals) -> tuple[np.ndarray, np.ndarray]:
     return np.array(xy), np.array(score)
 
 
+def placements(xy: np.ndarray) -> np.ndarray:
+    """Each centre's nearest of the world's placements (its index in PLACEMENTS; −1 for no
+    shape): which layout a seed's noise landed in."""
+    anchors = np.array(list(PLACEMENTS.values()))
+    nearest = ((xy[:, None, :] - anchors[None]) ** 2).sum(-1).argmin(1)
+    return np.where(np.isnan(xy).any(1), -1, nearest)
+
+
+def win_rate(diff: np.ndarray) -> float:
+    """Share of positive differences, ties counted half; NaN for none."""
+    if not len(diff):
+        return float("nan")
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
 def row(what: str, base: tuple, tuned: tuple) -> dict:
     shift = tuned[0] - base[0]
     diff = tuned[1] - base[1]
+    moved = placements(tuned[0]) != placements(base[0])
     return {
         "what": what,
-        "top_left win rate": float((diff > 0).mean() + 0.5 * (diff == 0).mean()),
+        "top_left win rate": win_rate(diff),
         "dx": float(np.nanmean(shift[:, 0])),
         "dy": float(np.nanmean(shift[:, 1])),
         "median distance": float(np.nanmedian(np.hypot(shift[:, 0], shift[:, 1]))),
+        "placement changed": float(moved.mean()),
+        "top_left win rate, same placement": win_rate(diff[~moved]),
+        "placements (" + ", ".join(PLACEMENTS) + ")": counts(tuned[0]),
     }
+
+
+def counts(xy: np.ndarray) -> str:
+    """How many images landed in each of the world's placements, in PLACEMENTS' order."""
+    found = placements(xy)
+    return " / ".join(str(int((found == i).sum())) for i in range(len(PLACEMENTS)))
 
 
 def main() -> None:
@@ -81,7 +110,7 @@ def main() -> None:
         with base_model(pipe.unet):
             base = centres(pipe, settings, evals)
         if seed == 0:
-            centre = np.nanmean(base[0], axis=0)
+            centre, base_counts = np.nanmean(base[0], axis=0), counts(base[0])
             add_lora(pipe.unet, seed=0)
             weights = [w for n, w in pipe.unet.named_parameters() if "lora_B" in n]
             for scale in (float(x) for x in args.scales.split(",")):
@@ -104,7 +133,8 @@ def main() -> None:
     for r in rows:
         cells = (f"{v:.2f}" if isinstance(v, float) else v for v in r.values())
         print("| " + " | ".join(cells) + " |")
-    print(f"\nthe base's mean shape centre: x {centre[0]:.1f}, y {centre[1]:.1f} px; {machine()}")
+    print(f"\nthe base's mean shape centre: x {centre[0]:.1f}, y {centre[1]:.1f} px; its")
+    print(f"placements ({', '.join(PLACEMENTS)}): {base_counts}; {machine()}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import platform
 import subprocess
 import sys
 
+import numpy as np
+
 from ._procs import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -296,3 +298,20 @@ def test_variants_pair_with_the_defaults_run_by_run_on_one_machine_only():
     assert cells[1:4] == ["3", "+0.100 ± 0.115", "2 / 1"]
     assert cells[4:] == ["+0.10 (1)", "–", "–", "–", "+0.10 (2)"]
     assert "no run pairs" in tastes.paired([run(other, "warmth", 0, "cpu", 0.9)])
+
+
+def test_the_placement_table_counts_the_images_that_changed_layout():
+    """placement.row: an image whose centre is nearest another of the world's placements
+    changed layout; the top-left win rate of the others is counted apart (ties half)."""
+    import placement
+
+    base_xy = np.array([[21.0, 32.0], [32.0, 21.0], [32.0, 32.0], [43.0, 32.0]])
+    tuned_xy = np.array([[22.0, 33.0], [32.0, 43.0], [31.0, 31.0], [np.nan, np.nan]])
+    base_tl, tuned_tl = np.array([0.6, 0.6, 0.5, 0.4]), np.array([0.55, 0.4, 0.52, 0.4])
+    row = placement.row("t", (base_xy, base_tl), (tuned_xy, tuned_tl))
+    # left stays left, top becomes bottom, center stays, right loses its shape (−1)
+    assert row["placement changed"] == 0.5
+    assert row["top_left win rate, same placement"] == 0.5  # lost one, won one
+    assert row["top_left win rate"] == (1 + 0.5) / 4  # one win, one tie
+    assert row["placements (center, left, right, top, bottom)"] == "1 / 1 / 0 / 0 / 1"
+    assert np.isnan(placement.win_rate(np.array([])))
