@@ -1,6 +1,7 @@
 """Where do random picks move the shapes? A round of random picks against random adapters.
 
     python bench/placement.py [--seeds 3] [--draws 3] [--scales 0.03,0.06,0.1] [--variant V]
+                              [--labeler random|TASTE]
 
 The taste benchmark's control (random best and worst) moves shapes away from the top-left
 (docs/benchmarks.md §5). Is any change of the weights enough, or is it what training does?
@@ -8,7 +9,8 @@ The taste benchmark's control (random best and worst) moves shapes away from the
 - Random adapters: the default adapter (rank 4 on the attention projections) with its
   ``lora_B`` weights drawn from N(0, scale²), nothing trained.
 - Random picks: the taste benchmark's control run of the variant (the defaults unless told),
-  seed by seed, as ``bench/tastes.py`` runs it.
+  seed by seed, as ``bench/tastes.py`` runs it; or with ``--labeler`` a taste's run, to see
+  what picks by one taste move besides it.
 
 Each is measured on the taste benchmark's evaluation set (4 open prompts x 16 seeds, each
 image on the base model's noise): the top-left win rate against the base, the mean shift of
@@ -91,13 +93,19 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=3, help="random adapters a scale")
     p.add_argument("--scales", default="0.03,0.06,0.1", help="sd of the random lora_B weights")
     p.add_argument("--variant", default=tastes.DEFAULT_VARIANT)
+    p.add_argument(
+        "--labeler",
+        default=CONTROL,
+        choices=[CONTROL, *tastes.TASTES],
+        help="who picks: at random (the control), or a taste",
+    )
     args = p.parse_args()
     method, config = tastes.VARIANTS[args.variant]
     rows = []
     for seed in range(max(args.seeds, 1)):
         s = runs.spec(
             args.variant,
-            CONTROL,
+            args.labeler,
             method,
             seed,
             rounds=3,
@@ -123,10 +131,14 @@ def main() -> None:
                     rows.append(row(f"random adapter, sd {scale}, draw {draw}", base, tuned))
                     print(rows[-1], flush=True)
             remove_lora(pipe.unet)
-        if args.seeds:  # the control run as tastes.py runs it
-            run.simulate(random_labeler(seed), tastes._SIM_EVAL)
+        if args.seeds:  # the run as tastes.py runs it
+            if args.labeler == CONTROL:
+                labeler, who = random_labeler(seed), "random picks"
+            else:
+                labeler, who = tastes.TASTES[args.labeler][0], f"{args.labeler}'s picks"
+            run.simulate(labeler, tastes._SIM_EVAL)
             tuned = centres(pipe, settings, evals)
-            rows.append(row(f"random picks, 3 rounds, seed {seed}", base, tuned))
+            rows.append(row(f"{who}, 3 rounds, seed {seed}", base, tuned))
             print(rows[-1], flush=True)
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))

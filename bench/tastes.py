@@ -372,10 +372,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "kto",
         {**_KTO_5000, "epochs": 3, "preserve": 0.1, "preserve_from": 0.5},
     ),
-    "kto-replay-b5000-e3-keep0.03-hi": (
-        "kto",
-        {**_KTO_5000, "epochs": 3, "preserve": 0.03, "preserve_from": 0.5},
-    ),
     # no loss on the worst images: is the control's drift the unlearning of the worst ones?
     "kto-replay-b5000-e3-u0": ("kto", {**_KTO_5000, "epochs": 3, "undesirable_weight": 0.0}),
     "kto-replay-b5000-e3-dora-r8": (
