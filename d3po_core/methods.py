@@ -217,8 +217,9 @@ class DiffusionKTOConfig(PickSettings):
         low=0,
         high=1,
         help="The noise level (t/T) from which prior preservation applies: 0 at every level; "
-        "0.5 only on the noisier half of the schedule, where a sample's layout is decided, "
-        "leaving colour, contrast and texture free to follow the picks.",
+        "0.5 only on the noisier half of the schedule, where a sample's layout is decided. "
+        "At 0.5 (preserve 0.1) a seed learned contrast less (0.64) and random picks drifted "
+        "as much the other way: colour is decided at those levels too (docs/benchmarks.md §5).",
     )
     reference_point: Literal["kl", "mean", "grid"] = setting(
         "kl",
