@@ -1,7 +1,7 @@
 """Where do random picks move the shapes? A round of random picks against random adapters.
 
-    python bench/placement.py [--seeds 3] [--draws 3] [--scales 0.03,0.06,0.1] [--variant V]
-                              [--labeler random|TASTE]
+    python bench/placement.py [--seeds 3] [--first-seed 0] [--draws 3] [--scales 0.03,0.06,0.1]
+                              [--variant V] [--labeler random|TASTE]
 
 The taste benchmark's control (random best and worst) moves shapes away from the top-left
 (docs/benchmarks.md §5). Is any change of the weights enough, or is it what training does?
@@ -90,6 +90,7 @@ def counts(xy: np.ndarray) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3, help="control runs (0 skips them)")
+    p.add_argument("--first-seed", type=int, default=0, help="the runs' seeds start here")
     p.add_argument("--draws", type=int, default=3, help="random adapters a scale")
     p.add_argument("--scales", default="0.03,0.06,0.1", help="sd of the random lora_B weights")
     p.add_argument("--variant", default=tastes.DEFAULT_VARIANT)
@@ -102,7 +103,7 @@ def main() -> None:
     args = p.parse_args()
     method, config = tastes.VARIANTS[args.variant]
     rows = []
-    for seed in range(max(args.seeds, 1)):
+    for seed in range(args.first_seed, args.first_seed + max(args.seeds, 1)):
         s = runs.spec(
             args.variant,
             args.labeler,
@@ -117,7 +118,7 @@ def main() -> None:
         evals = tastes.eval_set(prompts_of(s))
         with base_model(pipe.unet):
             base = centres(pipe, settings, evals)
-        if seed == 0:
+        if seed == args.first_seed:
             centre, base_counts = np.nanmean(base[0], axis=0), counts(base[0])
             add_lora(pipe.unet, seed=0)
             weights = [w for n, w in pipe.unet.named_parameters() if "lora_B" in n]
