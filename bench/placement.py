@@ -35,6 +35,7 @@ from runs import CONTROL, machine, prompts_of, random_labeler
 from d3po_core.embedded.world import PLACEMENTS
 from d3po_core.models import add_lora, base_model, remove_lora
 from d3po_core.sampling import sample_grid
+from d3po_core.simulate import paired_win_rate
 
 
 def centres(pipe, settings, evals) -> tuple[np.ndarray, np.ndarray]:
@@ -58,33 +59,28 @@ def placements(xy: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(xy).any(1), -1, nearest)
 
 
-def win_rate(diff: np.ndarray) -> float:
-    """Share of positive differences, ties counted half; NaN for none."""
-    if not len(diff):
-        return float("nan")
-    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
-
-
 def row(what: str, base: tuple, tuned: tuple) -> dict:
     shift = tuned[0] - base[0]
-    diff = tuned[1] - base[1]
-    moved = placements(tuned[0]) != placements(base[0])
+    landed = placements(tuned[0])
+    kept = landed == placements(base[0])
     return {
         "what": what,
-        "top_left win rate": win_rate(diff),
+        "top_left win rate": paired_win_rate(tuned[1], base[1]),
         "dx": float(np.nanmean(shift[:, 0])),
         "dy": float(np.nanmean(shift[:, 1])),
         "median distance": float(np.nanmedian(np.hypot(shift[:, 0], shift[:, 1]))),
-        "placement changed": float(moved.mean()),
-        "top_left win rate, same placement": win_rate(diff[~moved]),
-        "placements (" + ", ".join(PLACEMENTS) + ")": counts(tuned[0]),
+        "placement changed": float((~kept).mean()),
+        "top_left win rate, same placement": (
+            paired_win_rate(tuned[1][kept], base[1][kept]) if kept.any() else float("nan")
+        ),
+        "placements (" + ", ".join(PLACEMENTS) + ")": counts(landed),
     }
 
 
-def counts(xy: np.ndarray) -> str:
-    """How many images landed in each of the world's placements, in PLACEMENTS' order."""
-    found = placements(xy)
-    return " / ".join(str(int((found == i).sum())) for i in range(len(PLACEMENTS)))
+def counts(landed: np.ndarray) -> str:
+    """How many images landed in each of the world's placements (indices from
+    :func:`placements`), in PLACEMENTS' order."""
+    return " / ".join(str(int((landed == i).sum())) for i in range(len(PLACEMENTS)))
 
 
 def main() -> None:
@@ -119,7 +115,7 @@ def main() -> None:
         with base_model(pipe.unet):
             base = centres(pipe, settings, evals)
         if seed == args.first_seed:
-            centre, base_counts = np.nanmean(base[0], axis=0), counts(base[0])
+            centre, base_counts = np.nanmean(base[0], axis=0), counts(placements(base[0]))
             add_lora(pipe.unet, seed=0)
             weights = [w for n, w in pipe.unet.named_parameters() if "lora_B" in n]
             for scale in (float(x) for x in args.scales.split(",")):

@@ -314,4 +314,6 @@ def test_the_placement_table_counts_the_images_that_changed_layout():
     assert row["top_left win rate, same placement"] == 0.5  # lost one, won one
     assert row["top_left win rate"] == (1 + 0.5) / 4  # one win, one tie
     assert row["placements (center, left, right, top, bottom)"] == "1 / 1 / 0 / 0 / 1"
-    assert np.isnan(placement.win_rate(np.array([])))
+    everywhere = placement.row("t", (base_xy, base_tl), (base_xy[::-1], tuned_tl))
+    assert everywhere["placement changed"] == 1.0  # none kept its placement: no win rate
+    assert np.isnan(everywhere["top_left win rate, same placement"])
