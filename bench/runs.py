@@ -328,10 +328,17 @@ def run_specs(
         )
 
 
-def load_results(specs: list[dict], out: Path) -> list[dict]:
-    """The cached results of ``specs`` (missing ones are skipped)."""
-    paths = [out / f"{s['id']}.json" for s in specs]
-    return [json.loads(p.read_text()) for p in paths if p.exists()]
+def load_results(specs: list[dict], out: Path, *more: Path) -> list[dict]:
+    """The cached results of ``specs`` (missing ones are skipped): each from ``out``, or else
+    from the first of ``more`` folders that holds it."""
+    results = []
+    for s in specs:
+        path = next(
+            (p for p in (d / f"{s['id']}.json" for d in (out, *more)) if p.exists()), None
+        )
+        if path is not None:
+            results.append(json.loads(path.read_text()))
+    return results
 
 
 def main(
@@ -380,6 +387,14 @@ def main(
     p.add_argument("--only", default=None, help="comma-separated variants to run")
     p.add_argument("--labelers", default=None, help="comma-separated objectives/tastes to run")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument(
+        "--also",
+        type=Path,
+        action="append",
+        default=[],
+        help="another results folder to report from (repeatable): a run --out lacks is taken "
+        "from the first that holds it; runs still go to --out",
+    )
     args = p.parse_args()
     if args.device:
         os.environ[DEVICE_ENV] = args.device
@@ -432,7 +447,7 @@ def main(
             )
     if args.worker:
         return  # the command that started the workers reports
-    results = load_results(all_specs, args.out)
+    results = load_results(all_specs, args.out, *args.also)
     stale = [r["id"] for r in results if stale_settings(r, by_id[r["id"]])]
     if stale:  # --report-only over runs made before a default changed
         print(f"left out of the report, made with other settings than asked now: {stale}")

@@ -270,6 +270,36 @@ def test_a_folder_of_runs_on_other_prompts_is_refused_and_kept(tmp_path):
     assert "results 1 out.png" in same.stdout  # the results folder names its plot
 
 
+def test_a_report_joins_folders_run_by_run_and_prefers_out(tmp_path):
+    """--also: a run the results folder lacks comes from the first other folder that holds
+    it, a run in both from --out, and nothing is copied or run."""
+    script = tmp_path / "bench_toy.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO / 'bench')!r})\n"
+        "import runs\n"
+        "def specs(seeds, rounds):\n"
+        "    return [runs.spec('v', 'o', 'kto', s, rounds=rounds) for s in range(seeds)]\n"
+        "def report(results, plot):\n"
+        "    print('results', sorted((r['seed'], r['where']) for r in results))\n"
+        "runs.main('toy', specs, report, seeds=3, plot='x.png')\n"
+    )
+    out, cpu, gpu = (tmp_path / name for name in ("out", "cpu", "gpu"))
+    for folder, seeds in ((out, [0]), (cpu, [0, 1]), (gpu, [1, 2])):
+        folder.mkdir()
+        for seed in seeds:
+            s = runs.spec("v", "o", "kto", seed, rounds=4)
+            (folder / f"{s['id']}.json").write_text(json.dumps({**s, "where": folder.name}))
+    cmd = [sys.executable, str(script), "--report-only", "--out", str(out)]
+    joined = subprocess.run(
+        [*cmd, "--also", str(cpu), "--also", str(gpu)], capture_output=True, text=True, timeout=120
+    )
+    assert joined.returncode == 0, joined.stderr
+    assert "results [(0, 'out'), (1, 'cpu'), (2, 'gpu')]" in joined.stdout
+    alone = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert "results [(0, 'out')]" in alone.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["v--o--s0.json"]
+
+
 def test_variants_pair_with_the_defaults_run_by_run_on_one_machine_only():
     """paired: a variant's last-round win rate on its own taste minus the defaults' run of the
     same taste and seed, counted only where both ran on the same machine."""
