@@ -333,9 +333,8 @@ def load_results(specs: list[dict], out: Path, *more: Path) -> list[dict]:
     from the first of ``more`` folders that holds it."""
     results = []
     for s in specs:
-        path = next(
-            (p for p in (d / f"{s['id']}.json" for d in (out, *more)) if p.exists()), None
-        )
+        places = [folder / f"{s['id']}.json" for folder in (out, *more)]
+        path = next((p for p in places if p.exists()), None)
         if path is not None:
             results.append(json.loads(path.read_text()))
     return results
