@@ -148,17 +148,22 @@ def test_micro_batches_give_the_round_the_whole_batch_gives(pipe, examples):
     whole, w_whole = _round_weights(pipe, examples, config)
     split, w_split = _round_weights(pipe, examples, replace(config, micro_batch=3))
     assert (whole.metrics["micro_batch"], split.metrics["micro_batch"]) == (8, 3)
-    _assert_same_round(whole, w_whole, split, w_split)
+    _assert_same_round(whole, w_whole, split, w_split, config.learning_rate)
 
 
-def _assert_same_round(a, weights_a, b, weights_b):
-    """Same loss and gradient norms (the gradient's scale, which Adam's step hides), and
-    weights within a tenth of a step: only the UNet's float rounding at another batch size
-    differs."""
+def _assert_same_round(a, weights_a, b, weights_b, step: float):
+    """Same loss and gradient norms (the gradient's scale, which Adam's step hides), and the
+    same weights: only the UNet's float rounding at another batch size differs. Adam moves a
+    weight whose gradient is near 0 by about ``step`` in its gradient's sign, which rounding
+    can flip, so a few weights may differ by up to two steps; the rest agree within a tenth
+    of a step."""
     for metric in ("loss", "grad_norm"):
         assert a.metrics[metric] == pytest.approx(b.metrics[metric], rel=1e-3)
-    for wa, wb in zip(weights_a, weights_b, strict=True):
-        torch.testing.assert_close(wa, wb, rtol=0, atol=1e-3)
+    gap = torch.cat(
+        [(wa - wb).abs().flatten() for wa, wb in zip(weights_a, weights_b, strict=True)]
+    )
+    assert float((gap > 0.1 * step).float().mean()) <= 0.01, gap.topk(5)
+    assert float(gap.max()) <= 2 * step
 
 
 def _oom_above(objective, limit: int, where: str = "terms"):
@@ -190,7 +195,7 @@ def test_out_of_memory_halves_the_micro_batch_and_loses_nothing(pipe, examples, 
         "out of memory: retrying the batch with micro-batch 8 → 4",
         "out of memory: retrying the batch with micro-batch 4 → 2",
     ]
-    _assert_same_round(expected, w_expected, result, weights)
+    _assert_same_round(expected, w_expected, result, weights, config.learning_rate)
 
 
 def test_out_of_memory_at_one_item_turns_checkpointing_on_then_fails_cleanly(pipe, examples):
