@@ -384,14 +384,20 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 DEFAULT_VARIANT = "kto-replay-b5000-e3"
 
 
-def specs(seeds: int, rounds: int, prompts: list[str] = OPEN_PROMPTS) -> list[dict]:
-    """Every variant's runs, seed by seed: a batch cut short by its deadline leaves the last
-    seeds missing, not the last variants."""
+def specs(
+    seeds: int,
+    rounds: int,
+    prompts: list[str] = OPEN_PROMPTS,
+    tastes: dict[str, tuple[Scorer, str]] | None = None,
+) -> list[dict]:
+    """Every variant's runs, seed by seed, one a taste (``TASTES`` unless given) and one of
+    random picks: a batch cut short by its deadline leaves the last seeds missing, not the
+    last variants."""
     return [
         spec(variant, labeler, method, seed, rounds=rounds, config=config, prompts=prompts)
         for seed in range(seeds)
         for variant, (method, config) in VARIANTS.items()
-        for labeler in (*TASTES, CONTROL)
+        for labeler in (*(TASTES if tastes is None else tastes), CONTROL)
     ]
 
 

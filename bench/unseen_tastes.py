@@ -34,17 +34,23 @@ def light(image: Image.Image, prompt: str = "") -> float:
     return float(tastes._luma(tastes._rgb(image)).mean() / 255.0)
 
 
-def vivid(image: Image.Image, prompt: str = "") -> float:
-    """Saturation: the mean over the shape's pixels of (max − min) / max of its RGB (HSV's
-    saturation), in [0, 1]; 0 for no shape."""
+def _saturation(image: Image.Image) -> float | None:
+    """The mean over the shape's pixels of (max − min) / max of its RGB (HSV's saturation),
+    in [0, 1]; None for no shape."""
     rgb = tastes._rgb(image)
     mask = tastes.shape_mask(rgb)
     if not mask.any():
-        return 0.0
+        return None
     shape = rgb[mask]
     top = shape.max(axis=1)
     spread = top - shape.min(axis=1)
     return float(np.where(top > 0, spread / np.maximum(top, 1e-9), 0.0).mean())
+
+
+def vivid(image: Image.Image, prompt: str = "") -> float:
+    """Saturation: the shape's mean HSV saturation, in [0, 1]; 0 for no shape."""
+    saturation = _saturation(image)
+    return 0.0 if saturation is None else saturation
 
 
 def dark(image: Image.Image, prompt: str = "") -> float:
@@ -55,9 +61,8 @@ def dark(image: Image.Image, prompt: str = "") -> float:
 def muted(image: Image.Image, prompt: str = "") -> float:
     """A muted shape: vivid's mirror, 1 − its saturation (white, black and gray shapes over
     red and blue); 0 for no shape."""
-    if not tastes.shape_mask(tastes._rgb(image)).any():
-        return 0.0
-    return 1.0 - vivid(image)
+    saturation = _saturation(image)
+    return 0.0 if saturation is None else 1.0 - saturation
 
 
 def bottom_right(image: Image.Image, prompt: str = "") -> float:
@@ -79,11 +84,7 @@ CHECKED = (tastes.DEFAULT_VARIANT, "kto-replay-b5000", "d3po")
 
 def specs(seeds: int, rounds: int, prompts: list[str] = tastes.OPEN_PROMPTS) -> list[dict]:
     """The checked variants' runs on the unseen tastes and the control, seed by seed."""
-    return [
-        s
-        for s in tastes.specs(seeds, rounds, prompts)
-        if s["variant"] in CHECKED and s["objective"] in (*UNSEEN, runs.CONTROL)
-    ]
+    return [s for s in tastes.specs(seeds, rounds, prompts, UNSEEN) if s["variant"] in CHECKED]
 
 
 def use_unseen() -> None:

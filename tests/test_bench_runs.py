@@ -101,19 +101,6 @@ def test_a_run_made_before_a_default_changed_is_set_aside_and_left_out(tmp_path)
     assert [p.name for p in tmp_path.glob("*.json")] == [f"{other['id']}.json"]
 
 
-def unseen_specs(seeds: int) -> list[dict]:
-    """bench/unseen_tastes.py's specs (its tastes stand in for the taste benchmark's)."""
-    import tastes
-    import unseen_tastes
-
-    seen = tastes.TASTES
-    try:
-        unseen_tastes.use_unseen()
-        return unseen_tastes.specs(seeds, 3)
-    finally:
-        tastes.TASTES = seen
-
-
 def test_the_stored_benchmark_runs_are_what_their_specs_ask_of_todays_engine():
     """The cached runs behind docs/benchmarks.md's learning tables were made with the settings
     their specs ask today: a changed default leaves no table describing other settings; and
@@ -121,6 +108,7 @@ def test_the_stored_benchmark_runs_are_what_their_specs_ask_of_todays_engine():
     import ablation
     import learning
     import tastes
+    import unseen_tastes
 
     from d3po_core.settings import DEFAULT_METHOD
 
@@ -134,7 +122,7 @@ def test_the_stored_benchmark_runs_are_what_their_specs_ask_of_todays_engine():
     # the defaults and the DoRA variants on one H200 (seeds 0-2)
     benches += [(tastes.specs(3, 3, tastes.OPEN_PROMPTS), "tastes-open-h200")]
     benches += [(learning.specs(6, 3), "learning"), (ablation.specs(6, 4), "ablation")]
-    benches += [(unseen_specs(6), "tastes-unseen")]  # the tastes the defaults never saw
+    benches += [(unseen_tastes.specs(6, 3), "tastes-unseen")]  # the tastes the defaults never saw
     for specs, out in benches:
         for s in specs:
             path = REPO / "bench" / "results" / out / f"{s['id']}.json"
@@ -320,6 +308,8 @@ def test_the_unseen_tastes_rank_the_worlds_clean_renders():
     import tastes
     import unseen_tastes
     from PIL import Image
+    from unseen_tastes import bottom_right as corner
+    from unseen_tastes import dark, light, muted, vivid
 
     from d3po_core.embedded.world import Scene, render
 
@@ -327,7 +317,6 @@ def test_the_unseen_tastes_rank_the_worlds_clean_renders():
         scene = {"kind": "square", "colour": "red", "size": "medium"}
         return Image.fromarray(render(Scene(**(scene | kw))))
 
-    light, vivid, corner, dark, muted = (unseen_tastes.UNSEEN[n][0] for n in unseen_tastes.UNSEEN)
     on = {"background": "gray", "placement": "center"}
     assert light(image(background="white", placement="center")) > light(image(**on))
     assert light(image(**on)) > light(image(background="black", placement="center"))
@@ -341,7 +330,8 @@ def test_the_unseen_tastes_rank_the_worlds_clean_renders():
         assert muted(image(**scene)) == 1 - vivid(image(**scene))
     blank = Image.new("RGB", (64, 64), (128, 128, 128))
     assert vivid(blank) == muted(blank) == 0  # no shape: neither taste's
-    specs = unseen_specs(3)
+    specs = unseen_tastes.specs(3, 3)  # without the taste benchmark's tastes swapped in
+    assert tastes.TASTES is not unseen_tastes.UNSEEN
     assert {s["objective"] for s in specs} == {*unseen_tastes.UNSEEN, runs.CONTROL}
     assert {s["variant"] for s in specs} == set(unseen_tastes.CHECKED)
     assert len(specs) == 3 * (len(unseen_tastes.UNSEEN) + 1) * len(unseen_tastes.CHECKED)
