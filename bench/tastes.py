@@ -374,6 +374,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     ),
     # no loss on the worst images: is the control's drift the unlearning of the worst ones?
     "kto-replay-b5000-e3-u0": ("kto", {**_KTO_5000, "epochs": 3, "undesirable_weight": 0.0}),
+    # mirrored rounds: twins on the picks and on the picks swapped, half their difference kept,
+    # so what training on the grids moves whichever image was picked cancels
+    "kto-replay-b5000-e3-mirror": ("kto", {**_KTO_5000, "epochs": 3, "mirror": True}),
+    # and at twice the step size: with the drift cancelled, can a round learn more?
+    "kto-replay-b5000-e3-mirror-lr2e-3": (
+        "kto",
+        {**_KTO_5000, "epochs": 3, "mirror": True, "learning_rate": 2e-3},
+    ),
     "kto-replay-b5000-e3-dora-r8": (
         "kto",
         {**_KTO_5000, "epochs": 3, "lora": {"dora": True, "rank": 8, "alpha": 8.0}},

@@ -78,8 +78,15 @@ UNSEEN: dict[str, tuple[tastes.Scorer, str]] = {
     "dark": (dark, "a dark image: 1 − mean luma / 255"),
     "muted": (muted, "a muted shape: 1 − mean HSV saturation of the shape"),
 }
-#: the variants worth checking: the defaults, the defaults before them, D3PO's own
-CHECKED = (tastes.DEFAULT_VARIANT, "kto-replay-b5000", "d3po")
+#: the variants worth checking: the defaults, the defaults before them, D3PO's own, and
+#: mirrored rounds (whose aim is the drift these tastes showed)
+CHECKED = (
+    tastes.DEFAULT_VARIANT,
+    "kto-replay-b5000",
+    "d3po",
+    "kto-replay-b5000-e3-mirror",
+    "kto-replay-b5000-e3-mirror-lr2e-3",
+)
 
 
 def specs(seeds: int, rounds: int, prompts: list[str] = tastes.OPEN_PROMPTS) -> list[dict]:

@@ -27,6 +27,18 @@ class PickSettings(RoundSettings):
         help="Also train on as many earlier picks as there are new ones, drawn at random, so "
         "rounds build on each other (a round then costs at most twice its new picks').",
     )
+    mirror: bool = setting(
+        False,
+        help="Mirrored rounds: train twin adapters, one on the picks and one on the same picks "
+        "with best and worst swapped, and keep half their difference, so what training on "
+        "these grids moves whichever image was picked cancels (d3po_core/mirror.py). Twice "
+        "the training time; a plain LoRA only (no DoRA).",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mirror and self.lora.dora:
+            raise SettingsError("mirror needs a plain LoRA: DoRA's magnitudes do not subtract")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable, Sequence
 
 from .errors import DamagedAdapter, DamagedFile, NoPicksError, SessionError
+from .mirror import read_twins, run_mirrored, write_twins
 from .models import load_lora, remove_lora, save_lora
 from .objectives import METHODS, OBJECTIVES, method_of
 from .objectives.d3po import Example
@@ -231,17 +232,29 @@ def _train_round(pipe, session, config, rewarded, on_progress, should_cancel, ac
         for line in damaged:
             if on_progress is not None:
                 on_progress(ProgressEvent(0, 0, math.nan, math.nan, 0.0, "data", line))
-    result = run_round(
-        pipe,
-        OBJECTIVES[method.name](examples, config),
-        on_progress=on_progress,
-        should_cancel=should_cancel,
-        accelerator=accelerator,
-    )
+    progress = {"on_progress": on_progress, "should_cancel": should_cancel}
+    twins = None
+    if getattr(config, "mirror", False):
+        active = session.active_round
+        start = read_twins(session.round_path(active)) if active is not None else None
+        result, *twins = run_mirrored(
+            pipe,
+            lambda picks: OBJECTIVES[method.name](picks, config),
+            examples,
+            config,
+            start,
+            accelerator=accelerator,
+            **progress,
+        )
+    else:
+        result = run_round(
+            pipe, OBJECTIVES[method.name](examples, config), accelerator=accelerator, **progress
+        )
     metrics = {**result.metrics, **extra}
     if accelerator is not None and not accelerator.is_main_process:
         return None, metrics
-    return commit_round(pipe, session, config, result, last_pick_id, extra), metrics
+    round_id = commit_round(pipe, session, config, result, last_pick_id, extra, twins=twins)
+    return round_id, metrics
 
 
 def commit_round(
@@ -251,11 +264,16 @@ def commit_round(
     result: RoundResult,
     last_pick_id: int,
     extra: dict | None = None,
+    *,
+    twins: tuple | None = None,
 ) -> int:
     """Save the pipeline's adapter as a new round of the session, with its settings and
-    metrics; the round becomes the active one."""
+    metrics (and a mirrored round's twins: ``(twins, their adapter settings)``); the round
+    becomes the active one."""
     tmp = session.new_round_dir()
     save_lora(pipe.unet, tmp)
+    if twins:
+        write_twins(tmp, *twins)
     return session.commit_round(
         tmp,
         settings=config.to_dict(),

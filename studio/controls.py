@@ -41,6 +41,9 @@ _LOOP_HIDDEN = {
     "--train-seed); picking it by hand changes nothing a labeler can judge",
     "lora.targets": "UNet module names: a wrong one fails the round, and only the first round "
     "of a session reads it",
+    "mirror": "a CLI option (--mirror): twin adapters on the picks and on the picks swapped, "
+    "at twice a round's training time; on the taste benchmark it did not keep random picks "
+    "from moving shapes (docs/benchmarks.md §5)",
     "lora.dora": "a CLI option: DoRA learned the tastes as LoRA did over two machines "
     "(docs/benchmarks.md §5), and a DoRA adapter has no kohya export, which the studio offers",
 }

@@ -1,0 +1,148 @@
+"""Mirrored rounds (d3po_core/mirror.py): twins on the picks and on their mirror image, and
+half their difference in the pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from d3po_core.errors import DamagedAdapter, SettingsError
+from d3po_core.methods import DiffusionDPOConfig, DiffusionKTOConfig
+from d3po_core.mirror import MIRROR_FILE, combined, read_twins
+from d3po_core.models import lora_settings_of, remove_lora
+from d3po_core.objectives.implicit import image_rewards
+from d3po_core.rounds import RoundCancelled
+from d3po_core.session import Session
+from d3po_core.settings import LoraSettings
+from d3po_core.workflow import activate, generate, load_examples, train_round
+
+from .conftest import FAST, circle_picks
+
+
+def adapter_delta_weights(unet) -> dict[str, torch.Tensor]:
+    """Each adapted layer's weight change (peft's ``get_delta_weight``), by module name."""
+    return {
+        name: module.get_delta_weight("d3po").detach().clone()
+        for name, module in unet.named_modules()
+        if hasattr(module, "get_delta_weight") and "d3po" in getattr(module, "lora_A", {})
+    }
+
+
+def _config(**overrides) -> DiffusionKTOConfig:
+    settings = {"mirror": True, "epochs": 2, "noise_draws": 4, "learning_rate": 1e-2}
+    return DiffusionKTOConfig(**{**settings, **overrides})
+
+
+def test_picks_made_the_other_way_train_the_opposite_adapter(pipe, tmp_path):
+    """The round's adapter is odd in the labels: the same grids picked the other way round
+    train exactly its negative."""
+    deltas = {}
+    # one session a direction; the same grids (seeded) and the same round seed
+    for name, swap in (("a", False), ("b", True)):
+        remove_lora(pipe.unet)
+        with Session.open(tmp_path / name) as session:
+            for seed in range(0, 16, 4):
+                grid_id, _ = generate(pipe, session, "a circle", FAST, seed=seed)
+                best, worst = (3, 0) if swap else (0, 3)
+                session.add_pick(grid_id, best=best, worst=worst)
+            train_round(pipe, session, _config())
+            assert lora_settings_of(pipe.unet).rank == 2 * LoraSettings().rank
+            deltas[name] = adapter_delta_weights(pipe.unet)
+    assert deltas["a"].keys() == deltas["b"].keys()
+    size = max(float(d.abs().max()) for d in deltas["a"].values())
+    assert size > 1e-4  # the round moved the model
+    for key, delta in deltas["a"].items():
+        torch.testing.assert_close(deltas["b"][key], -delta, rtol=0, atol=1e-6 * size)
+
+
+def test_a_mirrored_round_learns_the_picks_and_continues_its_twins(pipe, tmp_path):
+    with Session.open(tmp_path / "s") as session:
+        new = circle_picks(pipe, session)
+        config = DiffusionDPOConfig(mirror=True, epochs=4, noise_draws=8, learning_rate=1e-2)
+        first, metrics = train_round(pipe, session, config)
+        assert metrics["mirror_loss"] > 0 and metrics["seconds"] > 0
+        rewards = image_rewards(pipe, new)
+        assert (rewards[:, 0] > rewards[:, 1]).all()  # each best above its worst
+
+        folder = session.round_path(first)
+        twins, settings = read_twins(folder)
+        assert settings == LoraSettings()
+        rank, state = combined(twins, settings)
+        assert rank.rank == 8
+        # the pipeline's adapter is the twins' half difference, as saved and as loaded
+        activate(pipe, session, first)
+        loaded = adapter_delta_weights(pipe.unet)
+        for key in twins["plus"]:
+            if "lora_A" not in key:
+                continue
+            b_key = key.replace("lora_A", "lora_B")
+            half = 0.5 * (
+                twins["plus"][b_key] @ twins["plus"][key]
+                - twins["minus"][b_key] @ twins["minus"][key]
+            )
+            torch.testing.assert_close(loaded[key.removesuffix(".lora_A.weight")], half)
+
+        for seed in (16, 20):  # a second round continues the twins
+            grid_id, _ = generate(pipe, session, "a circle", FAST, seed=seed)
+            session.add_pick(grid_id, best=0, worst=3)
+        second, _ = train_round(pipe, session, config)
+        after, _ = read_twins(session.round_path(second))
+        moved = [(after["plus"][k] - v).abs().max() for k, v in twins["plus"].items()]
+        assert max(moved) > 0
+
+
+def test_a_mirrored_round_refuses_to_start_from_a_plain_one(pipe, tmp_path):
+    with Session.open(tmp_path / "s") as session:
+        circle_picks(pipe, session)
+        plain, _ = train_round(pipe, session, _config(mirror=False))
+        grid_id, _ = generate(pipe, session, "a circle", FAST, seed=16)
+        session.add_pick(grid_id, best=1, worst=2)
+        before = adapter_delta_weights(pipe.unet)
+        with pytest.raises(SettingsError, match="activate the base model"):
+            train_round(pipe, session, _config())
+        assert session.last_round() == plain
+        assert not (session.round_path(plain) / MIRROR_FILE).exists()
+        after = adapter_delta_weights(pipe.unet)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert len(load_examples(session)[1]) == 1  # the new pick is still to train on
+
+
+def test_a_cancelled_mirrored_round_leaves_the_adapter_as_it_was(pipe, tmp_path):
+    with Session.open(tmp_path / "s") as session:
+        circle_picks(pipe, session)
+        first, _ = train_round(pipe, session, _config())
+        before = adapter_delta_weights(pipe.unet)
+        grid_id, _ = generate(pipe, session, "a circle", FAST, seed=16)
+        session.add_pick(grid_id, best=1, worst=2)
+        calls = []
+
+        def cancel_in_the_second_twin() -> bool:
+            calls.append(1)
+            return len(calls) > 3
+
+        with pytest.raises(RoundCancelled):
+            train_round(pipe, session, _config(), should_cancel=cancel_in_the_second_twin)
+        assert session.last_round() == first
+        after = adapter_delta_weights(pipe.unet)
+        assert lora_settings_of(pipe.unet).rank == 8
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mirror_takes_no_dora():
+    with pytest.raises(SettingsError, match="plain LoRA"):
+        DiffusionKTOConfig(mirror=True, lora=LoraSettings(dora=True))
+
+
+def test_damaged_twins_stop_a_mirrored_round_with_a_clear_message(pipe, tmp_path):
+    with Session.open(tmp_path / "s") as session:
+        circle_picks(pipe, session)
+        first, _ = train_round(pipe, session, _config())
+        (session.round_path(first) / MIRROR_FILE).write_bytes(b"not safetensors")
+        grid_id, _ = generate(pipe, session, "a circle", FAST, seed=16)
+        session.add_pick(grid_id, best=1, worst=2)
+        with pytest.raises(DamagedAdapter, match="train without mirror, or activate the base"):
+            train_round(pipe, session, _config())
+        assert session.last_round() == first
+        assert len(load_examples(session)[1]) == 1  # nothing lost: the pick waits
+        activate(pipe, session, first)  # the round's own adapter still loads and samples
+        assert lora_settings_of(pipe.unet).rank == 8
