@@ -45,8 +45,13 @@ def test_picks_made_the_other_way_train_the_opposite_adapter(pipe, tmp_path):
                 grid_id, _ = generate(pipe, session, "a circle", FAST, seed=seed)
                 best, worst = (3, 0) if swap else (0, 3)
                 session.add_pick(grid_id, best=best, worst=worst)
-            train_round(pipe, session, _config())
+            events = []
+            train_round(pipe, session, _config(), on_progress=events.append)
             assert lora_settings_of(pipe.unet).rank == 2 * LoraSettings().rank
+            # one progress bar over both twins: steps rise once to the round's total
+            steps = [e.step for e in events if e.phase == "train"]
+            assert steps == sorted(steps) and steps[-1] == events[-1].total
+            assert len(set(steps)) == len(steps) == events[-1].total
             deltas[name] = adapter_delta_weights(pipe.unet)
     assert deltas["a"].keys() == deltas["b"].keys()
     size = max(float(d.abs().max()) for d in deltas["a"].values())
