@@ -237,7 +237,7 @@ def _train_round(pipe, session, config, rewarded, on_progress, should_cancel, ac
     if getattr(config, "mirror", False):
         active = session.active_round
         start = read_twins(session.round_path(active)) if active is not None else None
-        result, *twins = run_mirrored(
+        result, *kept = run_mirrored(
             pipe,
             lambda picks: OBJECTIVES[method.name](picks, config),
             examples,
@@ -246,6 +246,7 @@ def _train_round(pipe, session, config, rewarded, on_progress, should_cancel, ac
             accelerator=accelerator,
             **progress,
         )
+        twins = tuple(kept)  # (the twins' weights, their adapter settings)
     else:
         result = run_round(
             pipe, OBJECTIVES[method.name](examples, config), accelerator=accelerator, **progress

@@ -72,8 +72,8 @@ def test_a_mirrored_round_learns_the_picks_and_continues_its_twins(pipe, tmp_pat
         folder = session.round_path(first)
         twins, settings = read_twins(folder)
         assert settings == LoraSettings()
-        rank, state = combined(twins, settings)
-        assert rank.rank == 8
+        merged, _state = combined(twins, settings)
+        assert merged.rank == 2 * settings.rank and merged.alpha == settings.alpha
         # the pipeline's adapter is the twins' half difference, as saved and as loaded
         activate(pipe, session, first)
         loaded = adapter_delta_weights(pipe.unet)
