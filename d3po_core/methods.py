@@ -33,8 +33,8 @@ class PickSettings(RoundSettings):
         "with best and worst swapped, and keep half their difference, so what training on "
         "these grids moves whichever image was picked cancels (d3po_core/mirror.py). Twice "
         "the training time; a plain LoRA only (no DoRA). On the taste benchmark (KTO, 6 "
-        "seeds) random picks moved shapes less (top-left 0.49 against 0.41) and the tastes "
-        "were learned less (mean 0.78 against 0.80; docs/benchmarks.md §5).",
+        "seeds) random picks moved shapes less (their top left win rate 0.49 against 0.41) "
+        "and the tastes were learned less (mean 0.78 against 0.80; docs/benchmarks.md §5).",
     )
 
     def validate(self) -> None:
