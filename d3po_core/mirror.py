@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import DamagedAdapter, SettingsError
 from .models import ADAPTER_NAME, add_lora, has_lora, lora_parameters, lora_settings_of, remove_lora
@@ -53,14 +53,14 @@ def adapter_state(unet) -> State:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def put_adapter(unet, settings: LoraSettings, state: State | None) -> None:
-    """Make our adapter one of ``settings`` holding ``state`` (fresh weights when None)."""
-    remove_lora(unet)
-    add_lora(unet, settings)
+def put_adapter(unet, settings: LoraSettings, state: State | None, seed: int | None = None) -> None:
+    """Make our adapter one of ``settings`` holding ``state`` (fresh weights, drawn from
+    ``seed``, when None); add_lora replaces the adapter the UNet had."""
+    add_lora(unet, settings, seed=seed)
     if state is not None:
         set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)
-    for param in lora_parameters(unet):
-        param.data = param.data.float()
+        for param in lora_parameters(unet):
+            param.data = param.data.float()
 
 
 def combined(twins: dict[str, State], settings: LoraSettings) -> tuple[LoraSettings, State]:
@@ -90,21 +90,20 @@ def read_twins(folder: Path) -> tuple[dict[str, State], LoraSettings] | None:
     path = Path(folder) / MIRROR_FILE
     if not path.is_file():
         return None
-    try:
-        tensors = load_file(path)
+    twins: dict[str, State] = {side: {} for side in SIDES}
+    try:  # one read of the file: its tensors and the settings in its metadata
         with safe_open(path, "pt") as f:
             settings = LoraSettings(**json.loads(f.metadata()["lora"]))
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                side, _, name = key.partition(".")
+                if side in twins:
+                    twins[side][name] = f.get_tensor(key)
     except Exception as exc:
         raise DamagedAdapter(
             f"the mirrored twins {path} cannot be read ({str(exc)[:100]}): the round's adapter "
             "still samples, but a mirrored round cannot continue it; train without mirror, or "
             "activate the base model to start mirrored rounds anew"
         ) from None
-    twins = {side: {} for side in SIDES}
-    for key, value in tensors.items():
-        side, _, name = key.partition(".")
-        if side in twins:
-            twins[side][name] = value
     return twins, settings
 
 
@@ -139,10 +138,8 @@ def run_mirrored(
     results: list[RoundResult] = []
     try:
         for i, (side, picks) in enumerate(zip(SIDES, (examples, flipped(examples)), strict=True)):
-            remove_lora(unet)
-            add_lora(unet, settings, seed=config.seed)  # both twins start alike
-            if start is not None:
-                set_peft_model_state_dict(unet, start[0][side], adapter_name=ADAPTER_NAME)
+            # both twins start alike: their last round's, or the same seeded fresh weights
+            put_adapter(unet, settings, start[0][side] if start else None, seed=config.seed)
             results.append(
                 run_round(
                     pipe,
