@@ -139,10 +139,23 @@ def set_aside_stale(specs: list[dict], out: Path) -> list[str]:
     return moved
 
 
+def deterministic_kernels() -> None:
+    """Ask torch for deterministic kernels (``--deterministic``). On a GPU the same spec
+    otherwise draws another run each time it runs: some kernels add in an order that varies,
+    and the last bits decide which images are drawn (docs/benchmarks.md §5). cuBLAS needs its
+    workspace fixed before CUDA starts; an op with no deterministic kernel warns and runs as
+    before (``bench/repeat.py`` tells whether a round then repeats)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     threads = torch.get_num_threads()
     text = f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
+    if torch.are_deterministic_algorithms_enabled():
+        text += ", deterministic kernels"
     device = os.environ.get(DEVICE_ENV, "cpu")
     if device.startswith("cuda") and torch.cuda.is_available():
         text = f"{torch.cuda.get_device_name(torch.device(device))} ({text})"
@@ -379,6 +392,11 @@ def main(
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--jobs", type=int, default=1, help="worker processes sharing the specs")
     p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels: on a GPU a spec otherwise draws another run each time",
+    )
+    p.add_argument(
         "--stop-after", type=float, default=None, help="seconds: start no spec after them"
     )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -395,6 +413,8 @@ def main(
         "from the first that holds it; runs still go to --out",
     )
     args = p.parse_args()
+    if args.deterministic:
+        deterministic_kernels()
     if args.device:
         os.environ[DEVICE_ENV] = args.device
     if args.threads:
