@@ -191,8 +191,8 @@ _BLOCK_LORA = {
     + ["proj_in", "proj_out"]
 }
 #: the adapter on the attention and on the resnets of the UNet's coarsest level only (4×4
-#: latents on the embedded model), where a shape's place is decided; the finer level's resnets,
-#: where texture lives, keep the base's weights
+#: latents on the embedded model), where a shape's place is decided; the finer level's resnets
+#: keep the base's weights (texture was expected to live there: it learned less all the same)
 _DEEP_CONV = ["down_blocks.1.resnets.0", "mid_block.resnets.0", "mid_block.resnets.1"]
 _DEEP_CONV += ["up_blocks.0.resnets.0", "up_blocks.0.resnets.1"]
 _DEEP_CONV_LORA = {
