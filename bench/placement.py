@@ -1,7 +1,7 @@
 """Where do random picks move the shapes? A round of random picks against random adapters.
 
     python bench/placement.py [--seeds 3] [--first-seed 0] [--draws 3] [--scales 0.03,0.06,0.1]
-                              [--variant V] [--labeler random|TASTE]
+                              [--variant V] [--labeler random|TASTE] [--update-scales 1,-1]
 
 The taste benchmark's control (random best and worst) moves shapes away from the top-left
 (docs/benchmarks.md §5). Is any change of the weights enough, or is it what training does?
@@ -10,7 +10,9 @@ The taste benchmark's control (random best and worst) moves shapes away from the
   ``lora_B`` weights drawn from N(0, scale²), nothing trained.
 - Random picks: the taste benchmark's control run of the variant (the defaults unless told),
   seed by seed, as ``bench/tastes.py`` runs it; or with ``--labeler`` a taste's run, to see
-  what picks by one taste move besides it.
+  what picks by one taste move besides it. ``--update-scales 1,-1`` also measures the run's
+  adapter with its update reversed (every ``lora_B`` times −1): a drift the picks taught
+  reverses with it, while one that any change of the layout causes does not.
 
 Each is measured on the taste benchmark's evaluation set (4 open prompts x 16 seeds, each
 image on the base model's noise): the top-left win rate against the base, the mean shift of
@@ -91,6 +93,12 @@ def main() -> None:
     p.add_argument("--scales", default="0.03,0.06,0.1", help="sd of the random lora_B weights")
     p.add_argument("--variant", default=tastes.DEFAULT_VARIANT)
     p.add_argument(
+        "--update-scales",
+        default="1",
+        help="the trained adapter's update times each of these (lora_B scaled; -1 is the "
+        "opposite update): does the top-left move with the update's sign, or either way?",
+    )
+    p.add_argument(
         "--labeler",
         default=CONTROL,
         choices=[CONTROL, *tastes.TASTES],
@@ -134,9 +142,16 @@ def main() -> None:
             else:
                 labeler, who = tastes.TASTES[args.labeler][0], f"{args.labeler}'s picks"
             run.simulate(labeler, tastes._SIM_EVAL)
-            tuned = centres(pipe, settings, evals)
-            rows.append(row(f"{who}, 3 rounds, seed {seed}", base, tuned))
-            print(rows[-1], flush=True)
+            trained = [w for n, w in pipe.unet.named_parameters() if "lora_B" in n]
+            saved = [w.detach().clone() for w in trained]
+            for factor in (float(x) for x in args.update_scales.split(",")):
+                with torch.no_grad():
+                    for w, w0 in zip(trained, saved, strict=True):
+                        w.copy_(w0 * factor)
+                tuned = centres(pipe, settings, evals)
+                times = "" if factor == 1 else f", its update × {factor:g}"
+                rows.append(row(f"{who}, 3 rounds, seed {seed}{times}", base, tuned))
+                print(rows[-1], flush=True)
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for r in rows:

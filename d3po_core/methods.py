@@ -32,9 +32,10 @@ class PickSettings(RoundSettings):
         help="Mirrored rounds: train twin adapters, one on the picks and one on the same picks "
         "with best and worst swapped, and keep half their difference, so what training on "
         "these grids moves whichever image was picked cancels (d3po_core/mirror.py). Twice "
-        "the training time; a plain LoRA only (no DoRA). On the taste benchmark (KTO, 6 "
-        "seeds) random picks moved shapes less (their top left win rate 0.49 against 0.41) "
-        "and the tastes were learned less (mean 0.78 against 0.80; docs/benchmarks.md §5).",
+        "the training time; a plain LoRA only (no DoRA). On the taste benchmark (KTO) random "
+        "picks moved shapes less (their top left win rate 0.44 over 12 seeds, against 0.39 "
+        "over 9) and the tastes were learned less (mean 0.78 against 0.80 over 6 seeds; "
+        "docs/benchmarks.md §5).",
     )
 
     def validate(self) -> None:
