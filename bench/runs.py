@@ -153,7 +153,8 @@ def deterministic_kernels() -> None:
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     threads = torch.get_num_threads()
-    # the vector instructions torch's CPU kernels use: hosts with other ones round differently
+    # the vector instructions torch's CPU kernels use: machines with other ones can round
+    # differently (their kernels reduce in another order)
     cpu += f" ({torch.backends.cpu.get_cpu_capability()})"
     text = f"{cpu}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
     if torch.are_deterministic_algorithms_enabled():
