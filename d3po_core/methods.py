@@ -33,8 +33,8 @@ class PickSettings(RoundSettings):
         "with best and worst swapped, and keep half their difference, so what training on "
         "these grids moves whichever image was picked cancels (d3po_core/mirror.py). Twice "
         "the training time; a plain LoRA only (no DoRA). On the taste benchmark (KTO) random "
-        "picks moved shapes less (their top left win rate 0.44 over 12 seeds, against 0.39 "
-        "over 9) and the tastes were learned less (mean 0.78 against 0.80 over 6 seeds; "
+        "picks moved shapes less (their top left win rate 0.44 against 0.39 over the same "
+        "12 seeds) and the tastes were learned less (mean 0.78 against 0.80 over 6 seeds; "
         "docs/benchmarks.md §5).",
     )
 

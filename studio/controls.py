@@ -43,7 +43,7 @@ _LOOP_HIDDEN = {
     "of a session reads it",
     "mirror": "a CLI option (--mirror): twin adapters on the picks and on the picks swapped, "
     "at twice a round's training time; on the taste benchmark random picks moved shapes less "
-    "(top-left 0.44 over 12 seeds against 0.39 over 9) and every taste learned less "
+    "(top-left 0.44 against 0.39 over the same 12 seeds) and every taste learned less "
     "(docs/benchmarks.md §5)",
     "lora.dora": "a CLI option: DoRA learned the tastes as LoRA did over two machines "
     "(docs/benchmarks.md §5), and a DoRA adapter has no kohya export, which the studio offers",
