@@ -79,6 +79,11 @@ def row(what: str, base: tuple, tuned: tuple) -> dict:
     }
 
 
+def lora_b(unet) -> list[torch.nn.Parameter]:
+    """The adapter's ``lora_B`` weights: a plain LoRA's update is linear in them."""
+    return [w for n, w in unet.named_parameters() if "lora_B" in n]
+
+
 def counts(landed: np.ndarray) -> str:
     """How many images landed in each of the world's placements (indices from
     :func:`placements`), in PLACEMENTS' order."""
@@ -125,7 +130,7 @@ def main() -> None:
         if seed == args.first_seed:
             centre, base_counts = np.nanmean(base[0], axis=0), counts(placements(base[0]))
             add_lora(pipe.unet, seed=0)
-            weights = [w for n, w in pipe.unet.named_parameters() if "lora_B" in n]
+            weights = lora_b(pipe.unet)
             for scale in (float(x) for x in args.scales.split(",")):
                 for draw in range(args.draws):
                     gen = torch.Generator().manual_seed(1000 + draw)
@@ -142,7 +147,7 @@ def main() -> None:
             else:
                 labeler, who = tastes.TASTES[args.labeler][0], f"{args.labeler}'s picks"
             run.simulate(labeler, tastes._SIM_EVAL)
-            trained = [w for n, w in pipe.unet.named_parameters() if "lora_B" in n]
+            trained = lora_b(pipe.unet)
             saved = [w.detach().clone() for w in trained]
             for factor in (float(x) for x in args.update_scales.split(",")):
                 with torch.no_grad():
