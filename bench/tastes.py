@@ -401,6 +401,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     ),
 }
 
+#: variants that sample otherwise than the defaults (SampleSettings fields): the adapter's
+#: strength while sampling grids and the evaluation set, with each round trained as before
+SAMPLING: dict[str, dict] = {
+    "kto-replay-b5000-e3-s1.25": {"strength": 1.25},
+    "kto-replay-b5000-e3-s1.5": {"strength": 1.5},
+    "kto-replay-b5000-e3-s2": {"strength": 2.0},
+}
+for _name in SAMPLING:
+    VARIANTS[_name] = VARIANTS["kto-replay-b5000-e3"]
+
 #: the variant the detailed tables and the plot describe: the engine's defaults
 DEFAULT_VARIANT = "kto-replay-b5000-e3"
 
@@ -415,7 +425,16 @@ def specs(
     random picks: a batch cut short by its deadline leaves the last seeds missing, not the
     last variants."""
     return [
-        spec(variant, labeler, method, seed, rounds=rounds, config=config, prompts=prompts)
+        spec(
+            variant,
+            labeler,
+            method,
+            seed,
+            rounds=rounds,
+            config=config,
+            settings=SAMPLING.get(variant),
+            prompts=prompts,
+        )
         for seed in range(seeds)
         for variant, (method, config) in VARIANTS.items()
         for labeler in (*(TASTES if tastes is None else tastes), CONTROL)

@@ -151,12 +151,13 @@ class SettingsKey(NamedTuple):
     guidance: float
     eta: float
     negative: bool  # the grid has unconditional rows (a negative prompt)
+    strength: float = 1.0  # the adapter's weight the grid was sampled at
 
 
 def settings_key(traj: Trajectory) -> SettingsKey:
     """The trajectory's :class:`SettingsKey`."""
     s = traj.settings
-    return SettingsKey(s.steps, s.guidance, s.eta, traj.negative_embeds is not None)
+    return SettingsKey(s.steps, s.guidance, s.eta, traj.negative_embeds is not None, s.strength)
 
 
 def make_batches(

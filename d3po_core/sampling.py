@@ -25,6 +25,7 @@ from PIL import Image
 
 from .errors import ModelLoadError, SettingsError
 from .families import Cond, family_of
+from .models import scaled_lora
 from .settings import SampleSettings
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -333,22 +334,23 @@ def sample_grid(
     uncond_b = uncond.expand(n) if uncond is not None else None
     # everything stays on the device until the end: no host sync a step
     latents, log_probs = [x.float()], []
-    for i, t in enumerate(timesteps):
-        t_batch = t.expand(n)
-        out = guided_model_output(unet, x, t_batch, cond_b, uncond_b, settings.guidance)
-        result = ddim_step(
-            scheduler,
-            out,
-            t_batch,
-            x.float(),
-            settings.eta,
-            noise=step_noise[i] if settings.eta > 0 else None,
-        )
-        x = result.prev_sample
-        latents.append(x.float())
-        log_probs.append(result.log_prob)
-        if on_step is not None:
-            on_step(i + 1, len(timesteps))
+    with scaled_lora(unet, settings.strength):  # the adapter's weight while sampling
+        for i, t in enumerate(timesteps):
+            t_batch = t.expand(n)
+            out = guided_model_output(unet, x, t_batch, cond_b, uncond_b, settings.guidance)
+            result = ddim_step(
+                scheduler,
+                out,
+                t_batch,
+                x.float(),
+                settings.eta,
+                noise=step_noise[i] if settings.eta > 0 else None,
+            )
+            x = result.prev_sample
+            latents.append(x.float())
+            log_probs.append(result.log_prob)
+            if on_step is not None:
+                on_step(i + 1, len(timesteps))
     images = decode_latents(pipe, x)
     trajectory = Trajectory(
         latents=torch.stack(latents, dim=1).cpu(),

@@ -117,7 +117,7 @@ TRAIN_ADVANCED = TRAIN_FORMS[DEFAULT_METHOD].advanced
 TRAIN_HIDDEN = TRAIN_FORMS[DEFAULT_METHOD].hidden
 
 LABEL_MAIN = ("n",)
-SAMPLING = ("steps", "guidance", "eta", "shared_noise", "negative_prompt")
+SAMPLING = ("steps", "guidance", "eta", "shared_noise", "negative_prompt", "strength")
 SAMPLING_HIDDEN = {
     "height": "the model's own size: other sizes sample worse, and a round trains grids of "
     "one latent size only",

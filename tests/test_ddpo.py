@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -184,3 +185,33 @@ def test_settings_round_trip_through_a_round_record():
     assert config_from_dict(ddpo.to_dict()) == ddpo and config_from_dict(d3po.to_dict()) == d3po
     with pytest.raises(SettingsError, match="epochs"):
         DDPOConfig(epochs=0)
+
+
+def test_a_grid_drawn_at_another_adapter_strength_is_trained_on_that_policy(pipe):
+    """A grid sampled with the adapter at strength 1.5 recorded that policy's log-probs:
+    PPO's ratio is taken against the adapter at the grid's strength, so before any update it
+    is 1 (as at strength 1), and the round trains."""
+    from d3po_core.models import add_lora
+    from d3po_core.objectives.ddpo import DDPOObjective
+    from d3po_core.rounds import make_batches
+
+    add_lora(pipe.unet, seed=0)
+    with torch.no_grad():  # an adapter that changes the images, so strength matters
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    grids = {s: sample_grid(pipe, "a circle", replace(FAST, strength=s), seed=1) for s in (1, 1.5)}
+    for strength, grid in grids.items():
+        objective = DDPOObjective(
+            [RewardExample(grid.trajectory, [0.0, 1.0, 2.0, 3.0])], DDPOConfig()
+        )
+        batch = make_batches(objective.trajectories, objective.items(), 8, seed=0)[0]
+        assert batch.key.strength == strength
+        with torch.no_grad():
+            kl = objective.terms(pipe, batch)["approx_kl"]
+        assert kl.max() < 1e-8
+    assert (grids[1.5].trajectory.latents - grids[1].trajectory.latents).abs().max() > 1e-3
+    result = ddpo_round(
+        pipe, [RewardExample(grids[1.5].trajectory, [0.0, 1.0, 2.0, 3.0])], DDPOConfig()
+    )
+    assert math.isfinite(result.metrics["loss"])

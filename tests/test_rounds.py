@@ -202,6 +202,14 @@ def test_no_picks_and_eta_zero_are_refused(pipe):
         d3po_round(pipe, [Example(grid.trajectory, 0, 1)], D3POConfig())
 
 
+def test_d3po_trains_on_grids_drawn_at_another_adapter_strength(pipe):
+    """D3PO's log-ratios are the policy's and the reference's on the recorded steps, not the
+    sampling policy's: a grid drawn at adapter strength 1.5 trains as any other."""
+    grid = sample_grid(pipe, "a circle", replace(FAST, strength=1.5), seed=1)
+    result = d3po_round(pipe, [Example(grid.trajectory, 0, 1)], D3POConfig())
+    assert result.metrics["items"] > 0 and math.isfinite(result.metrics["loss"])
+
+
 def test_bad_settings_are_refused(pipe, examples):
     with pytest.raises(SettingsError, match="beta"):
         d3po_round(pipe, examples, D3POConfig(beta=0))

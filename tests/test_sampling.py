@@ -108,3 +108,35 @@ def test_given_seeds_set_the_image_count_beyond_a_labeling_grid(pipe):
     many = sample_grid(pipe, "a red circle", FAST, seeds=list(range(20)))
     assert len(many.images) == 20 and many.trajectory.n == 20
     assert many.trajectory.seeds == list(range(20))
+
+
+def test_adapter_strength_scales_the_adapter_while_sampling(pipe):
+    """``strength`` is the adapter's weight while sampling: 0 draws the base model's images,
+    1 the adapter's, 2 the adapter's update twice over (further from the base than 1, the
+    same way); inside ``base_model`` any strength draws the base; the adapter is left at 1."""
+    from d3po_core.models import add_lora, base_model
+
+    settings = replace(FAST, n=2)
+    base = sample_grid(pipe, "a red circle", settings, seed=3).trajectory.latents[:, -1]
+    add_lora(pipe.unet, seed=0)
+    with torch.no_grad():  # a fresh adapter is the identity: give its B weights a value
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+
+    def last(strength: float) -> torch.Tensor:
+        grid = sample_grid(pipe, "a red circle", replace(settings, strength=strength), seed=3)
+        return grid.trajectory.latents[:, -1]
+
+    at1, at0, at2 = last(1.0), last(0.0), last(2.0)
+    torch.testing.assert_close(at0, base)
+    assert (at1 - base).abs().max() > 1e-3  # the adapter changes the images
+    assert (at2 - base).norm() > (at1 - base).norm()
+    assert (
+        torch.nn.functional.cosine_similarity((at2 - base).flatten(), (at1 - base).flatten(), dim=0)
+        > 0.5
+    )
+    with base_model(pipe.unet):
+        torch.testing.assert_close(last(2.0), base)
+    torch.testing.assert_close(last(1.0), at1)  # the adapter is back at full strength
+    assert sample_grid(pipe, "a red circle", settings, seed=3).trajectory.settings.strength == 1

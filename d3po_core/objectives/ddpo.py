@@ -26,6 +26,7 @@ import torch
 
 from ..errors import ScorerError, SettingsError
 from ..methods import Reduction
+from ..models import scaled_lora
 from ..rounds import (
     Batch,
     Objective,
@@ -173,7 +174,8 @@ class DDPOObjective(RewardObjective):
         return items
 
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
-        logp = log_probs_of(pipe, self.trajectories, batch.key, batch.items)
+        with scaled_lora(pipe.unet, batch.key.strength):  # the policy the grid was drawn from
+            logp = log_probs_of(pipe, self.trajectories, batch.key, batch.items)
         old = recorded_log_probs(self.trajectories, batch.items)
         adv = torch.tensor([self.advantages[(e, i)] for e, i, _k in batch.items])
         return self.clipped_terms(logp, old, adv)
