@@ -9,6 +9,7 @@ named by its original block layout first (``input_blocks.4.1…``), as SDXL LoRA
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +18,8 @@ import pandas as pd
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
 from peft import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from .errors import SessionError, SettingsError
 from .families import family_of_unet
@@ -47,18 +49,48 @@ def _replace_atomically(write, target: Path) -> Path:
     return target
 
 
-def export_diffusers(session: Session, round_id: int, out_dir: str | Path) -> Path:
-    """Copy a round's adapter folder (diffusers LoRA format) to ``out_dir``."""
+def _check_strength(strength: float) -> float:
+    if not (math.isfinite(strength) and strength >= 0):
+        raise SettingsError(f"an adapter strength is a number ≥ 0, not {strength}")
+    return float(strength)
+
+
+def export_diffusers(
+    session: Session, round_id: int, out_dir: str | Path, *, strength: float = 1.0
+) -> Path:
+    """Copy a round's adapter folder (diffusers LoRA format) to ``out_dir``; at another
+    ``strength`` than 1 its ``lora_B`` weights are scaled by it, so that the file loaded at
+    weight 1 draws what the adapter at that strength draws (LoRA and DoRA alike: peft scales
+    the same product)."""
+    strength = _check_strength(strength)
     src = session.round_path(round_id)
     out = _folder(Path(out_dir))
     for name in (LORA_WEIGHT_NAME, "lora_settings.json"):
         if (src / name).is_file():
             readable(shutil.copy2(src / name, out / name))
-    return out / LORA_WEIGHT_NAME
+    target = out / LORA_WEIGHT_NAME
+    if strength != 1 and target.is_file():
+        with safe_open(str(target), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = {k: _at_strength(k, v, strength) for k, v in load_file(target).items()}
+        _replace_atomically(lambda tmp: save_file(state, str(tmp), metadata=metadata), target)
+    return target
 
 
-def kohya_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The UNet's adapter in kohya naming: ``lora_unet_<module>.lora_down/lora_up/alpha``."""
+#: how an adapter's up (B) weights are named: peft's, diffusers' files', kohya's
+_UP = ("lora_B.", "lora.up.", "lora_up.")
+
+
+def _at_strength(key: str, value: torch.Tensor, strength: float) -> torch.Tensor:
+    """An adapter tensor with its up (B) weights scaled by ``strength``: BA becomes s·BA."""
+    up = any(marker in key for marker in _UP)
+    return (value * strength).contiguous() if up and strength != 1 else value
+
+
+def kohya_state_dict(unet: torch.nn.Module, strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """The UNet's adapter in kohya naming: ``lora_unet_<module>.lora_down/lora_up/alpha``,
+    its up weights scaled by ``strength``."""
+    strength = _check_strength(strength)
     settings = lora_settings_of(unet)
     if settings.dora:  # diffusers drops a kohya file's dora_scale: other images, no error
         raise SettingsError(
@@ -74,16 +106,19 @@ def kohya_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in kohya.items():
         name = key if key.startswith("lora_unet_") else f"lora_unet_{key}"
-        out[name] = value.detach().float().contiguous()
+        out[name] = _at_strength(name, value.detach().float().contiguous(), strength)
     for key in [k for k in out if k.endswith(".lora_down.weight")]:
         alpha_key = key.removesuffix(".lora_down.weight") + ".alpha"
         out.setdefault(alpha_key, torch.tensor(float(settings.alpha)))
     return out
 
 
-def export_kohya(unet: torch.nn.Module, out_file: str | Path, *, base_model: str = "") -> Path:
-    """Write the UNet's active adapter as one kohya-format safetensors file."""
-    state = kohya_state_dict(unet)
+def export_kohya(
+    unet: torch.nn.Module, out_file: str | Path, *, base_model: str = "", strength: float = 1.0
+) -> Path:
+    """Write the UNet's active adapter as one kohya-format safetensors file, at ``strength``
+    (loaded at weight 1, it draws what the adapter at that strength draws)."""
+    state = kohya_state_dict(unet, strength)
     settings = lora_settings_of(unet)
     metadata = {
         "ss_network_module": "networks.lora",
@@ -91,6 +126,7 @@ def export_kohya(unet: torch.nn.Module, out_file: str | Path, *, base_model: str
         "ss_network_alpha": str(settings.alpha),
         "ss_base_model": base_model,
         "d3po_targets": json.dumps(settings.targets),
+        "d3po_strength": f"{strength:g}",
     }
     return _replace_atomically(
         lambda tmp: save_file(state, str(tmp), metadata=metadata), Path(out_file)

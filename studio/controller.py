@@ -438,14 +438,22 @@ class StudioController:
         return round_id
 
     def export_lora(self, out_dir: str | Path) -> Path:
-        """The active round as a diffusers/peft LoRA folder."""
-        return export.export_diffusers(self.session, self._export_round(), out_dir)
+        """The active round as a diffusers/peft LoRA folder, at the strength it samples at."""
+        return export.export_diffusers(
+            self.session, self._export_round(), out_dir, strength=self.sample_settings.strength
+        )
 
     def export_kohya(self, out_file: str | Path) -> Path:
-        """The active round as one kohya-format file for A1111/ComfyUI."""
+        """The active round as one kohya-format file for A1111/ComfyUI, at the strength it
+        samples at."""
         self._export_round()
         with self._gpu:
-            return export.export_kohya(self.pipe.unet, out_file, base_model=self.model)
+            return export.export_kohya(
+                self.pipe.unet,
+                out_file,
+                base_model=self.model,
+                strength=self.sample_settings.strength,
+            )
 
     def export_picks(self, out_file: str | Path) -> Path:
         return export.export_picks(self.session, out_file)

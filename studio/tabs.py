@@ -436,6 +436,12 @@ def export_tab(ctl: Starting) -> None:
         path, error = ctl.attempt(export, kind)
         if error:
             return None, error
+        strength = ctl.peek(lambda c: c.sample_settings.strength, 1.0)
+        if kind in ("lora", "kohya") and strength != 1:
+            return str(path), (
+                f"Exported {path.name}, at adapter strength {strength:g} (as the studio samples): "
+                "load it at weight 1."
+            )
         return str(path), f"Exported {path.name}."
 
     for button, kind in (

@@ -135,6 +135,31 @@ def test_exports_load_back_in_diffusers_with_the_same_images(pipe, tiny_eps, ses
     torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
 
 
+def test_exports_at_a_strength_draw_what_the_adapter_draws_at_it(pipe, tiny_eps, session, tmp_path):
+    """Exported at strength 1.5 (the studio exports at the strength it samples at), either
+    file loaded at weight 1 draws what the strength-1 file draws at weight 1.5 in diffusers;
+    a strength below 0 is refused before anything is written."""
+    _label_two_grids(pipe, session)
+    train_round(pipe, session, D3POConfig(epochs=2, batch_size=4, learning_rate=1e-2))
+    lora_file = export_diffusers(session, 1, tmp_path / "lora", strength=1.5)
+    kohya_file = export_kohya(pipe.unet, tmp_path / "kohya.safetensors", strength=1.5)
+    plain_file = export_diffusers(session, 1, tmp_path / "plain")
+
+    weighted = _plain_pipe(tiny_eps)
+    weighted.load_lora_weights(plain_file.parent, adapter_name="tuned")
+    at_one = _plain_latents(weighted)
+    weighted.set_adapters(["tuned"], adapter_weights=[1.5])
+    expected = _plain_latents(weighted)
+    assert not torch.allclose(expected, at_one, atol=1e-4)
+    for exported in (lora_file.parent, kohya_file):
+        loaded = _plain_pipe(tiny_eps)
+        loaded.load_lora_weights(exported)  # s·B then A rounds otherwise than s·(BA): 1e-4
+        torch.testing.assert_close(_plain_latents(loaded), expected, atol=1e-4, rtol=0)
+    with pytest.raises(SettingsError, match="strength"):
+        export_kohya(pipe.unet, tmp_path / "bad.safetensors", strength=-1)
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
 def test_dora_adapter_exports_for_diffusers_and_kohya_refuses_it(pipe, tiny_eps, session, tmp_path):
     _label_two_grids(pipe, session)
     config = D3POConfig(epochs=2, batch_size=4, learning_rate=1e-2, lora=LoraSettings(dora=True))
