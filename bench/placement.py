@@ -96,7 +96,8 @@ def main() -> None:
     p.add_argument("--first-seed", type=int, default=0, help="the runs' seeds start here")
     p.add_argument("--draws", type=int, default=3, help="random adapters a scale")
     p.add_argument("--scales", default="0.03,0.06,0.1", help="sd of the random lora_B weights")
-    p.add_argument("--variant", default=tastes.DEFAULT_VARIANT)
+    # the documented runs were the defaults' before they sampled at strength 1.25
+    p.add_argument("--variant", default="kto-replay-b5000-e3")
     p.add_argument(
         "--update-scales",
         default="1",
@@ -120,6 +121,7 @@ def main() -> None:
             seed,
             rounds=3,
             config=config,
+            settings=tastes.SAMPLING.get(args.variant),
             prompts=tastes.OPEN_PROMPTS,
         )
         run = runs.Run.of(s, None)

@@ -182,7 +182,9 @@ class Run:
         pipe = load_pipeline(model or default_model(), device=device, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         guidance = pipe.recommended.get("guidance", SampleSettings().guidance)
-        settings = replace(SampleSettings(guidance=guidance), **s["settings"])
+        # the adapter at strength 1 unless the spec asks otherwise: the stored runs were made
+        # so, before the engine sampled at another strength by default
+        settings = replace(SampleSettings(guidance=guidance, strength=1.0), **s["settings"])
         config = config_of(s)
         return cls(s, pipe, settings, config, IMAGES_PER_ROUND // settings.n)
 

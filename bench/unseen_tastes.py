@@ -82,6 +82,7 @@ UNSEEN: dict[str, tuple[tastes.Scorer, str]] = {
 #: mirrored rounds (whose aim is the drift these tastes showed)
 CHECKED = (
     tastes.DEFAULT_VARIANT,
+    "kto-replay-b5000-e3",
     "kto-replay-b5000",
     "d3po",
     "kto-replay-b5000-e3-mirror",

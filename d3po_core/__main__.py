@@ -93,6 +93,15 @@ class ExportArgs(Settings):
     lora: str | None = setting(None, help="Folder for the diffusers/peft LoRA.")
     kohya: str | None = setting(None, help="File for the A1111/ComfyUI LoRA.")
     picks: str | None = setting(None, help="Picks as .parquet or .jsonl.")
+    strength: float = setting(
+        SampleSettings.strength,
+        low=0,
+        high=3,
+        aliases=("--adapter-strength",),
+        help="The adapter's strength in the exported LoRA (its up weights scaled), so that "
+        "loaded at weight 1 it draws what sampling at this strength draws; the default is "
+        "the one grids sample at.",
+    )
 
 
 def _method(name: str):
@@ -317,11 +326,14 @@ def cmd_export(parsed: tuple, given: set[str]) -> None:
         if (args.lora or args.kohya) and round_id is None:
             raise SettingsError("no round to export: train a round first (or pass --round N)")
         if args.lora:
-            print(f"diffusers LoRA: {export_diffusers(session, round_id, args.lora)}")
+            path = export_diffusers(session, round_id, args.lora, strength=args.strength)
+            print(f"diffusers LoRA: {path}")
         if args.kohya:
             pipe = load_pipeline(model.model or default_model(), device="cpu")
             load_lora(pipe.unet, session.round_path(round_id))
-            path = export_kohya(pipe.unet, args.kohya, base_model=pipe.model_id)
+            path = export_kohya(
+                pipe.unet, args.kohya, base_model=pipe.model_id, strength=args.strength
+            )
             print(f"kohya LoRA (A1111/ComfyUI): {path}")
         if args.picks:
             print(f"picks: {export_picks(session, args.picks)}")

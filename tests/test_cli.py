@@ -11,6 +11,7 @@ from dataclasses import fields
 
 import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from d3po_core.__main__ import main
@@ -96,6 +97,18 @@ def test_generate_label_train_export(tiny_eps, tmp_path, capsys):
     with Session.open(session) as s:
         assert s.grids_df()["seed"].tolist() == [3, 5]
         assert s.picks_df()["labeler"].tolist() == ["scorer", "scorer"]
+        trained = load_file(s.round_path(1) / "pytorch_lora_weights.safetensors")
+    # the LoRA is exported at the strength grids sample at (1.25 unless told): up weights
+    # scaled by it, the rest as trained; --strength 1 gives the round's file as it is
+    exported = load_file(lora / "pytorch_lora_weights.safetensors")
+    assert exported.keys() == trained.keys()
+    for key, value in trained.items():
+        scale = 1.25 if ".up." in key or "lora_B" in key else 1.0
+        torch.testing.assert_close(exported[key], value * scale)
+    plain = tmp_path / "plain"
+    assert main(["export", *base, "--lora", str(plain), "--strength", "1"]) == 0
+    again = load_file(plain / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(again[k], v) for k, v in trained.items())
 
 
 @pytest.mark.parametrize("method", ["diffusion-dpo", "sft", "kto"])

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from d3po_core.models import load_pipeline
-from d3po_core.sampling import guided_model_output, recompute_log_probs, sample_grid
+from d3po_core.sampling import (
+    SampleSettings,
+    guided_model_output,
+    recompute_log_probs,
+    sample_grid,
+)
 
 from .conftest import FAST
 
@@ -140,3 +145,8 @@ def test_adapter_strength_scales_the_adapter_while_sampling(pipe):
         torch.testing.assert_close(last(2.0), base)
     torch.testing.assert_close(last(1.0), at1)  # the adapter is back at full strength
     assert sample_grid(pipe, "a red circle", settings, seed=3).trajectory.settings.strength == 1
+    # unless told otherwise the engine samples at the strength the taste benchmark chose
+    default = replace(SampleSettings(), n=2, steps=FAST.steps, guidance=FAST.guidance)
+    assert default.strength == 1.25
+    drawn = sample_grid(pipe, "a red circle", default, seed=3).trajectory.latents[:, -1]
+    torch.testing.assert_close(drawn, last(1.25))
