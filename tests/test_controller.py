@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from d3po_core.errors import D3POError, ModelLoadError, NoPicksError, RoundCancelled, SettingsError
 from d3po_core.methods import D3POConfig
@@ -88,6 +90,15 @@ def test_train_compare_vote_activate_export(ctl, tmp_path):
     assert ctl.export_lora(tmp_path / "lora").is_file()
     assert ctl.export_kohya(tmp_path / "k.safetensors").is_file()
     assert len(pd.read_parquet(ctl.export_picks(tmp_path / "p.parquet"))) == 2
+    # the studio exports at the strength it samples at: up weights scaled, the rest as trained
+    ctl.sample_settings = replace(ctl.sample_settings, strength=1.5)
+    at_one = load_file(tmp_path / "k.safetensors")
+    stronger = load_file(ctl.export_kohya(tmp_path / "k15.safetensors"))
+    for key, value in at_one.items():
+        torch.testing.assert_close(stronger[key], value * (1.5 if "lora_up" in key else 1.0))
+    lora15 = load_file(ctl.export_lora(tmp_path / "lora15"))
+    lora1 = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(lora15[k], v) for k, v in lora1.items())
 
     ctl.activate(None)  # roll back to the base model
     assert ctl.generate("a circle", seed=3).adapter_round is None
