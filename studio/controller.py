@@ -223,6 +223,8 @@ class StudioController:
             grid_id, grid = workflow.generate(
                 self.pipe, self.session, prompt, settings, seed=seed, on_step=on_step
             )
+        # the adapter strength last sampled at is the studio's: Compare and Export follow it
+        self.sample_settings = replace(self.sample_settings, strength=settings.strength)
         return GridView(
             grid_id,
             prompt,

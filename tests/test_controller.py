@@ -90,8 +90,12 @@ def test_train_compare_vote_activate_export(ctl, tmp_path):
     assert ctl.export_lora(tmp_path / "lora").is_file()
     assert ctl.export_kohya(tmp_path / "k.safetensors").is_file()
     assert len(pd.read_parquet(ctl.export_picks(tmp_path / "p.parquet"))) == 2
-    # the studio exports at the strength it samples at: up weights scaled, the rest as trained
-    ctl.sample_settings = replace(ctl.sample_settings, strength=1.5)
+    # the studio exports at the strength it last sampled at: up weights scaled, the rest as
+    # trained (a grid drawn at 1.5 sets it; a failed one leaves it)
+    with pytest.raises(SettingsError):
+        ctl.generate("", settings=replace(FAST, strength=2.0))
+    ctl.generate("a circle", settings=replace(FAST, strength=1.5), seed=5)
+    assert ctl.sample_settings.strength == 1.5
     at_one = load_file(tmp_path / "k.safetensors")
     stronger = load_file(ctl.export_kohya(tmp_path / "k15.safetensors"))
     for key, value in at_one.items():
