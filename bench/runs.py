@@ -80,6 +80,10 @@ def prompts_of(s: dict) -> list[str]:
     return s.get("prompts", PROMPTS)
 
 
+#: how a spec samples unless it asks otherwise: the adapter at strength 1, as the stored runs
+#: were made before the engine sampled at another strength by default
+SAMPLED_AS = {"strength": 1.0}
+
 #: settings that change a round's memory, not its result (micro-batches add up the same
 #: gradients; checkpointing recomputes the same activations)
 MEMORY_ONLY = frozenset({"gradient_checkpointing", "micro_batch", "max_memory_gb"})
@@ -102,6 +106,10 @@ def stale_settings(result: dict, s: dict) -> dict[str, tuple]:
         return {"prompts": (prompts_of(result), prompts_of(s))}
     if result.get("rounds", s["rounds"]) != s["rounds"]:  # its last round is another's
         return {"rounds": (result["rounds"], s["rounds"])}
+    ran_sampling = result.get("sample_settings", {})
+    for k, v in {**SAMPLED_AS, **s.get("settings", {})}.items():  # older runs record no strength
+        if k in ran_sampling and _differs(ran_sampling[k], v):
+            return {k: (ran_sampling[k], v)}
     if "full_config" not in result:
         return {}
     if result.get("method") != s["method"]:
@@ -182,9 +190,7 @@ class Run:
         pipe = load_pipeline(model or default_model(), device=device, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         guidance = pipe.recommended.get("guidance", SampleSettings().guidance)
-        # the adapter at strength 1 unless the spec asks otherwise: the stored runs were made
-        # so, before the engine sampled at another strength by default
-        settings = replace(SampleSettings(guidance=guidance, strength=1.0), **s["settings"])
+        settings = replace(SampleSettings(guidance=guidance, **SAMPLED_AS), **s["settings"])
         config = config_of(s)
         return cls(s, pipe, settings, config, IMAGES_PER_ROUND // settings.n)
 

@@ -110,11 +110,13 @@ def test_the_stored_benchmark_runs_are_what_their_specs_ask_of_todays_engine():
     import tastes
     import unseen_tastes
 
-    from d3po_core.settings import DEFAULT_METHOD
+    from d3po_core.settings import DEFAULT_METHOD, SampleSettings
 
     method, overrides = tastes.VARIANTS[tastes.DEFAULT_VARIANT]
     config = runs.METHODS[method].config
     assert method == DEFAULT_METHOD and config.from_dict(overrides) == config()
+    sampled = {**runs.SAMPLED_AS, **tastes.SAMPLING.get(tastes.DEFAULT_VARIANT, {})}
+    assert sampled["strength"] == SampleSettings().strength  # and sample as the engine does
     checked = 0
     benches = [(tastes.specs(9, 3, prompts), out) for prompts, out in tastes.PROMPT_SETS.values()]
     # the defaults' open-prompt runs made again on the CPU (most of the first ran on a GPU)
@@ -123,6 +125,8 @@ def test_the_stored_benchmark_runs_are_what_their_specs_ask_of_todays_engine():
     benches += [(tastes.specs(3, 3, tastes.OPEN_PROMPTS), "tastes-open-h200")]
     benches += [(learning.specs(6, 3), "learning"), (ablation.specs(6, 4), "ablation")]
     benches += [(unseen_tastes.specs(6, 3), "tastes-unseen")]  # the tastes the defaults never saw
+    # the defaults now (strength 1.25) and the round settings at strength 1, on one machine
+    benches += [(tastes.specs(12, 3, tastes.OPEN_PROMPTS), "tastes-open-strength")]
     for specs, out in benches:
         for s in specs:
             path = REPO / "bench" / "results" / out / f"{s['id']}.json"
@@ -132,14 +136,18 @@ def test_the_stored_benchmark_runs_are_what_their_specs_ask_of_todays_engine():
                 if out.startswith("tastes"):  # evaluated on the prompts it labeled
                     assert result["eval_set"]["prompts"] == runs.prompts_of(s)[:4], s["id"]
                 checked += 1
-    # the defaults' rows: 3 seeds at least on the default prompts; examples' prompts' tables
-    # describe the defaults before the third epoch
-    described = {"open": tastes.DEFAULT_VARIANT, "named": "kto-replay-b5000"}
-    for name, (prompts, out) in tastes.PROMPT_SETS.items():
+    # the defaults' rows: 6 seeds on the default prompts (in their own folder); examples'
+    # prompts' tables describe the defaults before the third epoch
+    described = {
+        "open": (tastes.DEFAULT_VARIANT, "tastes-open-strength", 6),
+        "named": ("kto-replay-b5000", "tastes", 3),
+    }
+    for name, (prompts, _out) in tastes.PROMPT_SETS.items():
+        variant, out, seeds = described[name]
         assert all(
             (REPO / "bench" / "results" / out / f"{s['id']}.json").exists()
-            for s in tastes.specs(3, 3, prompts)
-            if s["variant"] == described[name]
+            for s in tastes.specs(seeds, 3, prompts)
+            if s["variant"] == variant
         ), out
     assert checked > 400
 
@@ -384,3 +392,17 @@ def test_the_placement_table_counts_the_images_that_changed_layout():
     everywhere = placement.row("t", (base_xy, base_tl), (base_xy[::-1], tuned_tl))
     assert everywhere["placement changed"] == 1.0  # none kept its placement: no win rate
     assert np.isnan(everywhere["top_left win rate, same placement"])
+
+
+def test_a_run_sampled_at_another_adapter_strength_is_stale():
+    """A spec samples at strength 1 unless its settings ask otherwise (the stored runs were
+    made so); a run recorded at another strength does not stand for it, and a run from before
+    strength was recorded does."""
+    plain = runs.spec("v", "warmth", "kto", 0, rounds=1)
+    strong = runs.spec("v", "warmth", "kto", 0, rounds=1, settings={"strength": 1.25})
+    at = {s: {"sample_settings": {"guidance": 2.0, "strength": s}} for s in (1.0, 1.25)}
+    assert runs.stale_settings(at[1.0], plain) == {}
+    assert runs.stale_settings(at[1.25], plain) == {"strength": (1.25, 1.0)}
+    assert runs.stale_settings(at[1.0], strong) == {"strength": (1.0, 1.25)}
+    assert runs.stale_settings(at[1.25], strong) == {}
+    assert runs.stale_settings({"sample_settings": {"guidance": 2.0}}, plain) == {}
