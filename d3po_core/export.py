@@ -60,8 +60,8 @@ def export_diffusers(
 ) -> Path:
     """Copy a round's adapter folder (diffusers LoRA format) to ``out_dir``; at another
     ``strength`` than 1 its ``lora_B`` weights are scaled by it, so that the file loaded at
-    weight 1 draws what the adapter at that strength draws (LoRA and DoRA alike: peft scales
-    the same product)."""
+    weight 1 draws what the adapter at that strength draws (for LoRA, tested; DoRA's norm is
+    taken of the same scaled product in peft)."""
     strength = _check_strength(strength)
     src = session.round_path(round_id)
     out = _folder(Path(out_dir))
