@@ -34,7 +34,14 @@ from torch.utils.data import DataLoader, Sampler
 from .errors import NoPicksError, RoundCancelled, SettingsError
 from .families import Cond
 from .memory import MemoryPlan, plan_round
-from .models import add_lora, has_lora, lora_parameters, offloaded, set_lora_enabled
+from .models import (
+    add_lora,
+    has_lora,
+    lora_parameters,
+    offloaded,
+    scaled_lora,
+    set_lora_enabled,
+)
 from .sampling import Trajectory, ddim_step, guided_model_output
 from .settings import RoundSettings
 
@@ -210,6 +217,15 @@ def pair_rows(items: list[tuple[int, int, int, int]]) -> list[tuple[int, int, in
     return [(e, win, k) for e, win, _lose, k in items] + [
         (e, lose, k) for e, _win, lose, k in items
     ]
+
+
+def sampling_policy_log_probs(
+    pipe, trajectories: list[Trajectory], key: SettingsKey, rows: list[tuple[int, int, int]]
+) -> torch.Tensor:
+    """:func:`log_probs_of` with the adapter at the strength the batch's grids were drawn at:
+    the policy whose log-probs were recorded (a PPO ratio's numerator)."""
+    with scaled_lora(pipe.unet, key.strength):
+        return log_probs_of(pipe, trajectories, key, rows)
 
 
 def recorded_log_probs(trajectories: list[Trajectory], rows: list[tuple[int, int, int]]):

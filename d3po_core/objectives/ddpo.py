@@ -26,13 +26,12 @@ import torch
 
 from ..errors import ScorerError, SettingsError
 from ..methods import Reduction
-from ..models import scaled_lora
 from ..rounds import (
     Batch,
     Objective,
-    log_probs_of,
     recorded_log_probs,
     require_log_probs,
+    sampling_policy_log_probs,
     select_steps,
 )
 from ..sampling import Trajectory
@@ -174,8 +173,7 @@ class DDPOObjective(RewardObjective):
         return items
 
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
-        with scaled_lora(pipe.unet, batch.key.strength):  # the policy the grid was drawn from
-            logp = log_probs_of(pipe, self.trajectories, batch.key, batch.items)
+        logp = sampling_policy_log_probs(pipe, self.trajectories, batch.key, batch.items)
         old = recorded_log_probs(self.trajectories, batch.items)
         adv = torch.tensor([self.advantages[(e, i)] for e, i, _k in batch.items])
         return self.clipped_terms(logp, old, adv)

@@ -20,13 +20,12 @@ import math
 
 import torch
 
-from ..models import scaled_lora
 from ..rounds import (
     Batch,
-    log_probs_of,
     pair_rows,
     recorded_log_probs,
     require_log_probs,
+    sampling_policy_log_probs,
     select_steps,
 )
 from .ddpo import RewardObjective, rewarded_advantages
@@ -59,8 +58,7 @@ class P3OObjective(RewardObjective):
 
     def terms(self, pipe, batch: Batch) -> dict[str, torch.Tensor]:
         rows = pair_rows(batch.items)
-        with scaled_lora(pipe.unet, batch.key.strength):  # the policy the grid was drawn from
-            win, lose = log_probs_of(pipe, self.trajectories, batch.key, rows).chunk(2)
+        win, lose = sampling_policy_log_probs(pipe, self.trajectories, batch.key, rows).chunk(2)
         old_win, old_lose = recorded_log_probs(self.trajectories, rows).chunk(2)
         adv = torch.tensor([self.advantages[item[:3]] for item in batch.items])
         # the pair's log-ratio: log ρ_w − log ρ_l (the winner's advantage is positive)
