@@ -19,7 +19,7 @@ import pandas as pd
 import runs
 from runs import spec
 
-from d3po_core.settings import DEFAULT_METHOD
+from d3po_core.settings import DEFAULT_METHOD, SampleSettings
 
 OBJECTIVES = {
     # scorer: (label, sign turning the score into JPEG kB, which way is better)
@@ -33,17 +33,30 @@ CONTROLS = {
     runs.CONTROL: (DEFAULT_METHOD, {}),
     "random-kto-b2500": ("kto", {"beta": 2500.0, "epochs": 2}),
 }
+#: every run samples its grids and evaluation set as the engine does by default (the adapter
+#: at its default strength), not at runs.SAMPLED_AS
+SAMPLING = {"strength": SampleSettings().strength}
 
 
 def specs(seeds: int, rounds: int) -> list[dict]:
-    """Each method at its defaults, and the controls (random picks)."""
+    """Each method at its defaults, and the controls (random picks), sampling as the engine
+    does."""
     return [
-        spec(variant, objective, method, seed, rounds=rounds)
+        spec(variant, objective, method, seed, rounds=rounds, settings=SAMPLING)
         for variant, method in ((m, m) for m in METHODS)
         for seed in range(seeds)
         for objective in OBJECTIVES
     ] + [
-        spec(variant, objective, method, seed, rounds=rounds, config=config, random_picks=True)
+        spec(
+            variant,
+            objective,
+            method,
+            seed,
+            rounds=rounds,
+            config=config,
+            settings=SAMPLING,
+            random_picks=True,
+        )
         for variant, (method, config) in CONTROLS.items()
         for seed in range(seeds)
         for objective in OBJECTIVES

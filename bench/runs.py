@@ -106,8 +106,11 @@ def stale_settings(result: dict, s: dict) -> dict[str, tuple]:
         return {"prompts": (prompts_of(result), prompts_of(s))}
     if result.get("rounds", s["rounds"]) != s["rounds"]:  # its last round is another's
         return {"rounds": (result["rounds"], s["rounds"])}
-    ran_sampling = result.get("sample_settings", {})
-    for k, v in {**SAMPLED_AS, **s.get("settings", {})}.items():  # older runs record no strength
+    # a run from before a sampling setting was recorded sampled as SAMPLED_AS says
+    ran_sampling = (
+        {**SAMPLED_AS, **result["sample_settings"]} if "sample_settings" in result else {}
+    )
+    for k, v in {**SAMPLED_AS, **s.get("settings", {})}.items():
         if k in ran_sampling and _differs(ran_sampling[k], v):
             return {k: (ran_sampling[k], v)}
     if "full_config" not in result:

@@ -398,7 +398,7 @@ def test_the_placement_table_counts_the_images_that_changed_layout():
 def test_a_run_sampled_at_another_adapter_strength_is_stale():
     """A spec samples at strength 1 unless its settings ask otherwise (the stored runs were
     made so); a run recorded at another strength does not stand for it, and a run from before
-    strength was recorded does."""
+    strength was recorded stands for strength 1 only."""
     plain = runs.spec("v", "warmth", "kto", 0, rounds=1)
     strong = runs.spec("v", "warmth", "kto", 0, rounds=1, settings={"strength": 1.25})
     at = {s: {"sample_settings": {"guidance": 2.0, "strength": s}} for s in (1.0, 1.25)}
@@ -406,4 +406,6 @@ def test_a_run_sampled_at_another_adapter_strength_is_stale():
     assert runs.stale_settings(at[1.25], plain) == {"strength": (1.25, 1.0)}
     assert runs.stale_settings(at[1.0], strong) == {"strength": (1.0, 1.25)}
     assert runs.stale_settings(at[1.25], strong) == {}
-    assert runs.stale_settings({"sample_settings": {"guidance": 2.0}}, plain) == {}
+    older = {"sample_settings": {"guidance": 2.0}}
+    assert runs.stale_settings(older, plain) == {}
+    assert runs.stale_settings(older, strong) == {"strength": (1.0, 1.25)}
