@@ -387,6 +387,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # so what training on the grids moves whichever image was picked cancels
     "kto-replay-b5000-e3-mirror": ("kto", {**_KTO_5000, "epochs": 3, "mirror": True}),
     # and at twice the step size: with the drift cancelled, can a round learn more?
+    # ensembles: K adapters on the same picks, each from its own seed, their mean kept
+    "kto-replay-b5000-e3-ens3": ("kto", {**_KTO_5000, "epochs": 3, "ensemble": 3}),
     "kto-replay-b5000-e3-mirror-lr2e-3": (
         "kto",
         {**_KTO_5000, "epochs": 3, "mirror": True, "learning_rate": 2e-3},
@@ -410,9 +412,10 @@ SAMPLING: dict[str, dict] = {
     "kto-replay-b5000-e3-s1.25": {"strength": 1.25},
     "kto-replay-b5000-e3-s1.5": {"strength": 1.5},
     "kto-replay-b5000-e3-s2": {"strength": 2.0},
+    "kto-replay-b5000-e3-ens3-s1.25": {"strength": 1.25},
 }
 for _name in SAMPLING:
-    VARIANTS[_name] = VARIANTS["kto-replay-b5000-e3"]
+    VARIANTS[_name] = VARIANTS[_name.rsplit("-s", 1)[0]]
 
 #: the variant the detailed tables and the plot describe: the engine's defaults
 DEFAULT_VARIANT = "kto-replay-b5000-e3-s1.25"

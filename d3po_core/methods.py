@@ -38,10 +38,25 @@ class PickSettings(RoundSettings):
         "docs/benchmarks.md §5).",
     )
 
+    ensemble: int = setting(
+        1,
+        low=1,
+        high=8,
+        help="Adapters a round trains on the same picks, each from its own seed (its starting "
+        "weights, batches and noise draws), sampling from their mean: what one seed's draws "
+        "teach by chance averages out (d3po_core/mirror.py). K times the training time; a "
+        "plain LoRA only (no DoRA); 1: one adapter. On the taste benchmark (KTO) 3 learned the "
+        "tastes as 1 did (mean 0.86 both over 3 seeds; docs/benchmarks.md §5).",
+    )
+
     def validate(self) -> None:
         super().validate()
         if self.mirror and self.lora.dora:
             raise SettingsError("mirror needs a plain LoRA: DoRA's magnitudes do not subtract")
+        if self.ensemble > 1 and self.lora.dora:
+            raise SettingsError("ensemble needs a plain LoRA: DoRA's magnitudes do not average")
+        if self.ensemble > 1 and self.mirror:
+            raise SettingsError("mirror and ensemble do not combine: choose one")
 
 
 @dataclass

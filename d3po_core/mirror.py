@@ -17,6 +17,14 @@ is itself a LoRA of rank 2r and the same α (``A = [A₊; A₋]``, ``B = [B₊, 
 round's adapter saves, loads and exports as any other; the twins are kept beside it in
 ``mirror.safetensors`` so the next mirrored round continues them. A round costs twice the
 training (sampling is unchanged). DoRA's magnitudes do not subtract, so it is not offered.
+
+An **ensemble** round is the same machinery with K members on the same picks, each from its
+own seed (its fresh starting weights, batches and noise draws), and the pipeline samples their
+mean, ``ΔW = (ΔW_1 + … + ΔW_K) / K``: a LoRA of rank K·r and the same α. What one seed's
+draws teach by chance averages out; what the picks share stays. The taste benchmark's win
+rate counts the evaluation pairs a round improves, so an update that points the same way on
+more of them wins, however far it goes (docs/benchmarks.md §5). A round costs K times the
+training; the members are kept beside the adapter in ``ensemble.safetensors``.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,9 +46,45 @@ from .rounds import ProgressEvent, RoundResult, run_round
 from .settings import LoraSettings
 
 MIRROR_FILE = "mirror.safetensors"
+ENSEMBLE_FILE = "ensemble.safetensors"
 SIDES = ("plus", "minus")
 
 State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Members:
+    """How a round of several adapters trains them and keeps their combination: each member's
+    name, sign in the combination, whether it trains on the picks swapped, and the step its
+    seed takes from the round's."""
+
+    kind: str
+    names: tuple[str, ...]
+    signs: tuple[float, ...]
+    flipped: tuple[bool, ...]
+    seed_steps: tuple[int, ...]
+
+    @property
+    def file(self) -> str:
+        return MIRROR_FILE if self.kind == "mirror" else ENSEMBLE_FILE
+
+
+MIRROR = Members("mirror", SIDES, (1.0, -1.0), (False, True), (0, 0))
+
+
+def ensemble(k: int) -> Members:
+    """K members on the same picks, each from its own seed; their mean is kept."""
+    return Members(
+        "ensemble", tuple(f"m{i}" for i in range(k)), (1.0,) * k, (False,) * k, tuple(range(k))
+    )
+
+
+def members_of(config) -> Members | None:
+    """The members a round's settings ask for; None for a round of one adapter."""
+    if getattr(config, "mirror", False):
+        return MIRROR
+    k = getattr(config, "ensemble", 1)
+    return ensemble(k) if k > 1 else None
 
 
 def flipped(examples: list) -> list:
@@ -63,121 +108,146 @@ def put_adapter(unet, settings: LoraSettings, state: State | None, seed: int | N
             param.data = param.data.float()
 
 
-def combined(twins: dict[str, State], settings: LoraSettings) -> tuple[LoraSettings, State]:
-    """Half the twins' difference as one LoRA: rank 2r, the twins' α and targets."""
-    plus, minus = twins["plus"], twins["minus"]
+def combined(
+    twins: dict[str, State], settings: LoraSettings, members: Members = MIRROR
+) -> tuple[LoraSettings, State]:
+    """The members' signed mean as one LoRA: rank K·r, their α and targets (the scale α/(K·r)
+    is 1/K of each member's). For mirror twins that is half their difference."""
+    states = [twins[name] for name in members.names]
     state: State = {}
-    for key, a in plus.items():
+    for key in states[0]:
         if "lora_A" in key:
-            state[key] = torch.cat([a, minus[key]], dim=0)
+            state[key] = torch.cat([m[key] for m in states], dim=0)
         elif "lora_B" in key:
-            state[key] = torch.cat([a, -minus[key]], dim=1)
+            parts = [
+                m[key] if sign == 1 else sign * m[key]
+                for m, sign in zip(states, members.signs, strict=True)
+            ]
+            state[key] = torch.cat(parts, dim=1)
         else:
-            raise SettingsError(f"a mirrored adapter cannot hold {key}")
-    return dataclasses.replace(settings, rank=2 * settings.rank), state
+            raise SettingsError(f"a {members.kind} round's adapter cannot hold {key}")
+    return dataclasses.replace(settings, rank=len(states) * settings.rank), state
 
 
-def write_twins(folder: Path, twins: dict[str, State], settings: LoraSettings) -> Path:
-    """The twins beside a round's adapter (safetensors), with their adapter settings."""
-    tensors = {f"{side}.{k}": v.contiguous() for side in SIDES for k, v in twins[side].items()}
-    path = Path(folder) / MIRROR_FILE
+def write_twins(
+    folder: Path, twins: dict[str, State], settings: LoraSettings, members: Members = MIRROR
+) -> Path:
+    """The members beside a round's adapter (safetensors), with their adapter settings."""
+    tensors = {
+        f"{name}.{k}": v.contiguous() for name in members.names for k, v in twins[name].items()
+    }
+    path = Path(folder) / members.file
     save_file(tensors, path, metadata={"lora": json.dumps(dataclasses.asdict(settings))})
     return path
 
 
-def read_twins(folder: Path) -> tuple[dict[str, State], LoraSettings] | None:
-    """A round's twins and their adapter settings; None for a round that was not mirrored."""
-    path = Path(folder) / MIRROR_FILE
+def read_twins(
+    folder: Path, members: Members = MIRROR
+) -> tuple[dict[str, State], LoraSettings] | None:
+    """A round's members and their adapter settings; None for a round without them."""
+    path = Path(folder) / members.file
     if not path.is_file():
         return None
-    twins: dict[str, State] = {side: {} for side in SIDES}
+    twins: dict[str, State] = {}
     try:  # one read of the file: its tensors and the settings in its metadata
         with safe_open(path, "pt") as f:
             settings = LoraSettings(**json.loads(f.metadata()["lora"]))
             for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                side, _, name = key.partition(".")
-                if side in twins:
-                    twins[side][name] = f.get_tensor(key)
+                name, _, weight = key.partition(".")
+                twins.setdefault(name, {})[weight] = f.get_tensor(key)
     except Exception as exc:
         raise DamagedAdapter(
-            f"the mirrored twins {path} cannot be read ({str(exc)[:100]}): the round's adapter "
-            "still samples, but a mirrored round cannot continue it; train without mirror, or "
-            "activate the base model to start mirrored rounds anew"
+            f"the {members.kind} round's adapters {path} cannot be read ({str(exc)[:100]}): "
+            f"the round's adapter still samples, but a {members.kind} round cannot continue it; "
+            f"train without {members.kind}, or activate the base model to start "
+            f"{members.kind} rounds anew"
         ) from None
+    if set(twins) != set(members.names):
+        raise SettingsError(
+            f"the active round kept {len(twins)} {members.kind} adapters and this round asks "
+            f"for {len(members.names)}: train with {len(twins)}, or activate the base model "
+            f"to start anew"
+        )
     return twins, settings
 
 
-def run_mirrored(
+def run_members(
     pipe,
-    make_objective: Callable[[list], object],
+    make_objective: Callable[[list, object], object],
     examples: list,
     config,
     start: tuple[dict[str, State], LoraSettings] | None,
+    members: Members,
     *,
     on_progress: Callable[[ProgressEvent], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     accelerator=None,
 ) -> tuple[RoundResult, dict[str, State], LoraSettings]:
-    """Train the twins on the picks and on their mirror image, then put half their difference
-    in the pipeline; (the round's result, the twins, the twins' adapter settings).
+    """Train each member on the picks (or on their mirror image) with its own settings'
+    seed, then put their signed mean in the pipeline; (the round's result, the members, the
+    members' adapter settings). ``make_objective(picks, config)`` builds a member's loss.
 
-    ``start`` is the active round's twins (None: both start from the same fresh adapter, drawn
-    from the round's seed). A failed or cancelled round leaves the pipeline's adapter as it was.
+    ``start`` is the active round's members (None: each starts from fresh weights drawn from
+    its seed). A failed or cancelled round leaves the pipeline's adapter as it was.
     """
     unet = pipe.unet
+    kind = members.kind
     if start is None and has_lora(unet):
         raise SettingsError(
-            "a mirrored round continues the base model or a mirrored round, and the active "
-            "round was not mirrored: activate the base model, or train without mirror"
+            f"a {kind} round continues the base model or a {kind} round, and the active "
+            f"round was not one: activate the base model, or train without {kind}"
         )
     settings = start[1] if start is not None else config.lora
     if settings.dora:
-        raise SettingsError("mirror needs a plain LoRA: DoRA's magnitudes do not subtract")
+        raise SettingsError(f"{kind} needs a plain LoRA: DoRA's magnitudes do not combine")
     before = (lora_settings_of(unet), adapter_state(unet)) if has_lora(unet) else None
     twins: dict[str, State] = {}
     results: list[RoundResult] = []
+    k = len(members.names)
     try:
-        for i, (side, picks) in enumerate(zip(SIDES, (examples, flipped(examples)), strict=True)):
-            # both twins start alike: their last round's, or the same seeded fresh weights
-            put_adapter(unet, settings, start[0][side] if start else None, seed=config.seed)
+        for i, name in enumerate(members.names):
+            own = dataclasses.replace(config, seed=config.seed + members.seed_steps[i])
+            picks = flipped(examples) if members.flipped[i] else examples
+            # a member starts from its last round's weights, or fresh ones drawn from its seed
+            put_adapter(unet, settings, start[0][name] if start else None, seed=own.seed)
             results.append(
                 run_round(
                     pipe,
-                    make_objective(picks),
-                    on_progress=_half(on_progress, i),
+                    make_objective(picks, own),
+                    on_progress=_part(on_progress, i, k),
                     should_cancel=should_cancel,
                     accelerator=accelerator,
                 )
             )
-            twins[side] = adapter_state(unet)
-        put_adapter(unet, *combined(twins, settings))
+            twins[name] = adapter_state(unet)
+        put_adapter(unet, *combined(twins, settings, members))
     except BaseException:
         if before is None:
             remove_lora(unet)
         else:
             put_adapter(unet, *before)
         raise
-    plus, minus = results
-    metrics = {
-        **plus.metrics,
-        "seconds": plus.metrics["seconds"] + minus.metrics["seconds"],
-        "mirror_loss": minus.metrics["loss"],
-        "mirror_accuracy": minus.metrics.get("accuracy"),
-    }
-    return RoundResult(metrics=metrics, history=plus.history), twins, settings
+    first, *others = results
+    metrics = {**first.metrics, "seconds": sum(r.metrics["seconds"] for r in results)}
+    if kind == "mirror":
+        metrics["mirror_loss"] = others[0].metrics["loss"]
+        metrics["mirror_accuracy"] = others[0].metrics.get("accuracy")
+    else:
+        metrics["ensemble_losses"] = [r.metrics["loss"] for r in results]
+    return RoundResult(metrics=metrics, history=first.history), twins, settings
 
 
-def _half(on_progress, i: int):
-    """Progress of one twin as half of the round's (the first twin's estimate of time left
-    counts the second's steps too)."""
+def _part(on_progress, i: int, k: int):
+    """Progress of member i as the i-th of k parts of the round's (its estimate of time left
+    counts the later members' steps too)."""
     if on_progress is None:
         return None
 
     def tell(event: ProgressEvent) -> None:
         left = event.total - event.step
         per_step = event.eta_s / left if left > 0 else 0.0
-        eta = per_step * (left + event.total * (1 - i))
+        eta = per_step * (left + event.total * (k - 1 - i))
         step = event.step + event.total * i
-        on_progress(dataclasses.replace(event, step=step, total=2 * event.total, eta_s=eta))
+        on_progress(dataclasses.replace(event, step=step, total=k * event.total, eta_s=eta))
 
     return tell

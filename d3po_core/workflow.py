@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable, Sequence
 
 from .errors import DamagedAdapter, DamagedFile, NoPicksError, SessionError
-from .mirror import read_twins, run_mirrored, write_twins
+from .mirror import members_of, read_twins, run_members, write_twins
 from .models import load_lora, remove_lora, save_lora
 from .objectives import METHODS, OBJECTIVES, method_of
 from .objectives.d3po import Example
@@ -234,19 +234,21 @@ def _train_round(pipe, session, config, rewarded, on_progress, should_cancel, ac
                 on_progress(ProgressEvent(0, 0, math.nan, math.nan, 0.0, "data", line))
     progress = {"on_progress": on_progress, "should_cancel": should_cancel}
     twins = None
-    if getattr(config, "mirror", False):
+    members = members_of(config)
+    if members is not None:  # mirror twins or an ensemble, combined into one adapter
         active = session.active_round
-        start = read_twins(session.round_path(active)) if active is not None else None
-        result, *kept = run_mirrored(
+        start = read_twins(session.round_path(active), members) if active is not None else None
+        result, *kept = run_members(
             pipe,
-            lambda picks: OBJECTIVES[method.name](picks, config),
+            lambda picks, own: OBJECTIVES[method.name](picks, own),
             examples,
             config,
             start,
+            members,
             accelerator=accelerator,
             **progress,
         )
-        twins = tuple(kept)  # (the twins' weights, their adapter settings)
+        twins = (*kept, members)  # (their weights, their adapter settings, which members)
     else:
         result = run_round(
             pipe, OBJECTIVES[method.name](examples, config), accelerator=accelerator, **progress
@@ -269,8 +271,8 @@ def commit_round(
     twins: tuple | None = None,
 ) -> int:
     """Save the pipeline's adapter as a new round of the session, with its settings and
-    metrics (and a mirrored round's twins: ``(twins, their adapter settings)``); the round
-    becomes the active one."""
+    metrics (and a round's member adapters: ``(their weights, their adapter settings,
+    Members)``, mirror twins or an ensemble's); the round becomes the active one."""
     tmp = session.new_round_dir()
     save_lora(pipe.unet, tmp)
     if twins:

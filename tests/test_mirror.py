@@ -1,5 +1,6 @@
-"""Mirrored rounds (d3po_core/mirror.py): twins on the picks and on their mirror image, and
-half their difference in the pipeline."""
+"""Rounds of several adapters (d3po_core/mirror.py): mirrored twins on the picks and on their
+mirror image, half their difference in the pipeline; and ensembles, K adapters on the same picks
+from their own seeds, their mean in the pipeline."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from d3po_core.errors import DamagedAdapter, SettingsError
 from d3po_core.methods import DiffusionDPOConfig, DiffusionKTOConfig
-from d3po_core.mirror import MIRROR_FILE, combined, read_twins
+from d3po_core.mirror import ENSEMBLE_FILE, MIRROR_FILE, combined, ensemble, read_twins
 from d3po_core.models import lora_settings_of, remove_lora
 from d3po_core.objectives.implicit import image_rewards
 from d3po_core.rounds import RoundCancelled
@@ -151,3 +152,73 @@ def test_damaged_twins_stop_a_mirrored_round_with_a_clear_message(pipe, tmp_path
         assert len(load_examples(session)[1]) == 1  # nothing lost: the pick waits
         activate(pipe, session, first)  # the round's own adapter still loads and samples
         assert lora_settings_of(pipe.unet).rank == 8
+
+
+def _ensemble(k: int = 2, **overrides) -> DiffusionKTOConfig:
+    """At the default step size: at 1e-2 a second round of these picks starts saturated."""
+    return _config(mirror=False, ensemble=k, **{"learning_rate": 1e-3, **overrides})
+
+
+def test_an_ensemble_round_samples_the_mean_of_its_members(pipe, tmp_path):
+    """Each member is the plain round its own seed would train; the pipeline's adapter is
+    their mean, as saved and as loaded; a second round continues the members."""
+    plain = {}
+    for seed in (0, 1):  # the same grids and picks, one plain round a seed
+        remove_lora(pipe.unet)
+        with Session.open(tmp_path / f"plain{seed}") as session:
+            circle_picks(pipe, session)
+            train_round(pipe, session, _ensemble(1, seed=seed))
+            plain[seed] = adapter_delta_weights(pipe.unet)
+    remove_lora(pipe.unet)
+    with Session.open(tmp_path / "s") as session:
+        circle_picks(pipe, session)
+        events = []
+        first, metrics = train_round(pipe, session, _ensemble(), on_progress=events.append)
+        assert len(metrics["ensemble_losses"]) == 2 and metrics["seconds"] > 0
+        assert lora_settings_of(pipe.unet).rank == 2 * LoraSettings().rank
+        steps = [e.step for e in events if e.phase == "train"]  # one bar over both members
+        assert steps == sorted(steps) and steps[-1] == events[-1].total
+        members, settings = read_twins(session.round_path(first), ensemble(2))
+        assert not (session.round_path(first) / MIRROR_FILE).exists()
+        activate(pipe, session, first)
+        loaded = adapter_delta_weights(pipe.unet)
+        scale = settings.alpha / settings.rank
+        size = max(float(d.abs().max()) for d in loaded.values())
+        assert size > 1e-4
+        for key, delta in loaded.items():
+            a, b = f"{key}.lora_A.weight", f"{key}.lora_B.weight"
+            each = [scale * members[m][b] @ members[m][a] for m in ("m0", "m1")]
+            torch.testing.assert_close(delta, (each[0] + each[1]) / 2)
+            # member i is the plain round of seed i: same start, batches and noise draws
+            for i in (0, 1):
+                torch.testing.assert_close(each[i], plain[i][key], rtol=1e-4, atol=1e-6 * size)
+        assert not torch.allclose(plain[0][key], plain[1][key])  # the seeds differ
+
+        grid_id, _ = generate(pipe, session, "a circle", FAST, seed=16)
+        session.add_pick(grid_id, best=0, worst=3)
+        with pytest.raises(SettingsError, match="kept 2 ensemble adapters and this round asks"):
+            train_round(pipe, session, _ensemble(3))
+        assert session.last_round() == first
+        second, _ = train_round(pipe, session, _ensemble())
+        after, _ = read_twins(session.round_path(second), ensemble(2))
+        assert max(float((after["m1"][k] - v).abs().max()) for k, v in members["m1"].items()) > 0
+        assert (session.round_path(second) / ENSEMBLE_FILE).exists()
+
+
+def test_an_ensemble_refuses_dora_mirror_and_a_plain_start(pipe, tmp_path):
+    with pytest.raises(SettingsError, match="plain LoRA"):
+        _ensemble(lora=LoraSettings(dora=True))
+    with pytest.raises(SettingsError, match="do not combine"):
+        _config(ensemble=2)
+    with pytest.raises(SettingsError, match="between 1 and 8"):
+        _ensemble(0)
+    remove_lora(pipe.unet)
+    with Session.open(tmp_path / "s") as session:
+        circle_picks(pipe, session)
+        plain, _ = train_round(pipe, session, _config(mirror=False))
+        grid_id, _ = generate(pipe, session, "a circle", FAST, seed=16)
+        session.add_pick(grid_id, best=1, worst=2)
+        with pytest.raises(SettingsError, match="train without ensemble"):
+            train_round(pipe, session, _ensemble())
+        assert session.last_round() == plain
+        assert len(load_examples(session)[1]) == 1  # the new pick is still to train on
