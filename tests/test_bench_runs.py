@@ -128,6 +128,7 @@ def test_the_stored_benchmark_runs_are_what_their_specs_ask_of_todays_engine():
     # the defaults now (strength 1.25) and the round settings at strength 1, on one machine
     benches += [(tastes.specs(12, 3, tastes.OPEN_PROMPTS), "tastes-open-strength")]
     benches += [(unseen_tastes.specs(3, 3), "tastes-unseen-strength")]
+    benches += [(tastes.specs(3, 3, tastes.OPEN_PROMPTS), "tastes-open-ensemble")]
     for specs, out in benches:
         for s in specs:
             path = REPO / "bench" / "results" / out / f"{s['id']}.json"
