@@ -26,7 +26,7 @@ import numpy as np
 import runs
 import tastes
 import torch
-from runs import CONTROL, machine, prompts_of, random_labeler
+from runs import CONTROL, machine, prompts_of
 
 from d3po_core.models import ADAPTER_NAME, base_model
 
@@ -66,24 +66,13 @@ def schedule(unet, early: float, late: float, split: int):
 
 
 def run_one(variant: str, labeler: str, seed: int, split: int) -> dict:
-    method, config = tastes.VARIANTS[variant]
-    s = runs.spec(
-        variant,
-        labeler,
-        method,
-        seed,
-        rounds=3,
-        config=config,
-        settings=tastes.SAMPLING.get(variant),
-        prompts=tastes.OPEN_PROMPTS,
-    )
+    s = tastes.variant_spec(variant, labeler, seed)
     run = runs.Run.of(s, None)
     pipe, settings = run.pipe, run.settings
     evals = tastes.eval_set(prompts_of(s))
     with base_model(pipe.unet):
         base = tastes.score_eval_set(pipe, settings, evals)
-    picker = random_labeler(seed) if labeler == CONTROL else tastes.TASTES[labeler][0]
-    run.simulate(picker, tastes._SIM_EVAL)
+    run.simulate(tastes.labeler_of(s), tastes._SIM_EVAL)
     at_one = replace(settings, strength=1.0)  # the hook sets the weight instead
     rates = {}
     for early, late in SCHEDULES:
@@ -107,6 +96,8 @@ def report(results: list[dict]) -> None:
     own = [r for r in results if r["labeler"] != CONTROL]
     control = [r for r in results if r["labeler"] == CONTROL]
     print(f"{len(own)} taste runs, {len(control)} random-picks runs; {machine()}\n")
+    if not own:
+        return
     print(
         "| strength: noisier steps / the rest | own taste's win rate (mean) | paired with "
         "the run's own strength (mean ± se) | random picks: " + ", ".join(tastes.TASTES) + " |"
@@ -114,8 +105,6 @@ def report(results: list[dict]) -> None:
     print("|---|---|---|---|")
     for early, late in SCHEDULES:
         key = f"{early:g}/{late:g}"
-        if not own:
-            continue
         mean = np.mean([r["win_rates"][key][r["labeler"]] for r in own])
         diffs = [
             r["win_rates"][key][r["labeler"]]

@@ -32,7 +32,7 @@ import numpy as np
 import runs
 import tastes
 import torch
-from runs import CONTROL, machine, prompts_of, random_labeler
+from runs import CONTROL, machine, prompts_of
 
 from d3po_core.embedded.world import PLACEMENTS
 from d3po_core.models import add_lora, base_model, remove_lora
@@ -111,19 +111,9 @@ def main() -> None:
         help="who picks: at random (the control), or a taste",
     )
     args = p.parse_args()
-    method, config = tastes.VARIANTS[args.variant]
     rows = []
     for seed in range(args.first_seed, args.first_seed + max(args.seeds, 1)):
-        s = runs.spec(
-            args.variant,
-            args.labeler,
-            method,
-            seed,
-            rounds=3,
-            config=config,
-            settings=tastes.SAMPLING.get(args.variant),
-            prompts=tastes.OPEN_PROMPTS,
-        )
+        s = tastes.variant_spec(args.variant, args.labeler, seed)
         run = runs.Run.of(s, None)
         pipe, settings = run.pipe, run.settings
         evals = tastes.eval_set(prompts_of(s))
@@ -144,11 +134,8 @@ def main() -> None:
                     print(rows[-1], flush=True)
             remove_lora(pipe.unet)
         if args.seeds:  # the run as tastes.py runs it
-            if args.labeler == CONTROL:
-                labeler, who = random_labeler(seed), "random picks"
-            else:
-                labeler, who = tastes.TASTES[args.labeler][0], f"{args.labeler}'s picks"
-            run.simulate(labeler, tastes._SIM_EVAL)
+            who = "random picks" if args.labeler == CONTROL else f"{args.labeler}'s picks"
+            run.simulate(tastes.labeler_of(s), tastes._SIM_EVAL)
             trained = lora_b(pipe.unet)
             saved = [w.detach().clone() for w in trained]
             for factor in (float(x) for x in args.update_scales.split(",")):

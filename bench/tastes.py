@@ -421,6 +421,30 @@ for _name in SAMPLING:
 DEFAULT_VARIANT = "kto-replay-b5000-e3-s1.25"
 
 
+def variant_spec(
+    variant: str, labeler: str, seed: int, rounds: int = 3, prompts: list[str] = OPEN_PROMPTS
+) -> dict:
+    """One run of the benchmark: a variant's round settings and sampling, one labeler (a
+    taste, or ``CONTROL``), one seed."""
+    method, config = VARIANTS[variant]
+    return spec(
+        variant,
+        labeler,
+        method,
+        seed,
+        rounds=rounds,
+        config=config,
+        settings=SAMPLING.get(variant),
+        prompts=prompts,
+    )
+
+
+def labeler_of(s: dict):
+    """Who labels a run: its taste's scorer, or random picks drawn from its seed (the
+    control)."""
+    return random_labeler(s["seed"]) if s["objective"] == CONTROL else TASTES[s["objective"]][0]
+
+
 def specs(
     seeds: int,
     rounds: int,
@@ -431,18 +455,9 @@ def specs(
     random picks: a batch cut short by its deadline leaves the last seeds missing, not the
     last variants."""
     return [
-        spec(
-            variant,
-            labeler,
-            method,
-            seed,
-            rounds=rounds,
-            config=config,
-            settings=SAMPLING.get(variant),
-            prompts=prompts,
-        )
+        variant_spec(variant, labeler, seed, rounds, prompts)
         for seed in range(seeds)
-        for variant, (method, config) in VARIANTS.items()
+        for variant in VARIANTS
         for labeler in (*(TASTES if tastes is None else tastes), CONTROL)
     ]
 
@@ -498,7 +513,7 @@ def run_taste(s: dict, out: Path, model: str | None) -> dict:
         return json.loads(path.read_text())
     run = runs.Run.of(s, model)
     pipe, settings = run.pipe, run.settings
-    labeler = random_labeler(s["seed"]) if s["objective"] == CONTROL else TASTES[s["objective"]][0]
+    labeler = labeler_of(s)
     evals = eval_set(prompts_of(s))
     key = (model or default_model(), tuple(sorted(asdict(settings).items())), str(evals))
     if key not in _BASE_CACHE:  # the untuned model's eval set is the same in every run

@@ -119,11 +119,8 @@ def combined(
         if "lora_A" in key:
             state[key] = torch.cat([m[key] for m in states], dim=0)
         elif "lora_B" in key:
-            parts = [
-                m[key] if sign == 1 else sign * m[key]
-                for m, sign in zip(states, members.signs, strict=True)
-            ]
-            state[key] = torch.cat(parts, dim=1)
+            signed = [sign * m[key] for m, sign in zip(states, members.signs, strict=True)]
+            state[key] = torch.cat(signed, dim=1)
         else:
             raise SettingsError(f"a {members.kind} round's adapter cannot hold {key}")
     return dataclasses.replace(settings, rank=len(states) * settings.rank), state
