@@ -19,7 +19,7 @@ import torch
 from diffusers.utils import convert_state_dict_to_kohya
 from peft import get_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import SessionError, SettingsError
 from .families import family_of_unet
@@ -65,16 +65,19 @@ def export_diffusers(
     strength = _check_strength(strength)
     src = session.round_path(round_id)
     out = _folder(Path(out_dir))
-    for name in (LORA_WEIGHT_NAME, "lora_settings.json"):
-        if (src / name).is_file():
-            readable(shutil.copy2(src / name, out / name))
-    target = out / LORA_WEIGHT_NAME
-    if strength != 1 and target.is_file():
-        with safe_open(str(target), framework="pt") as f:
-            metadata = f.metadata() or {}
-        state = {k: _at_strength(k, v, strength) for k, v in load_file(target).items()}
-        _replace_atomically(lambda tmp: save_file(state, str(tmp), metadata=metadata), target)
-    return target
+    if (src / "lora_settings.json").is_file():
+        readable(shutil.copy2(src / "lora_settings.json", out / "lora_settings.json"))
+    weights, target = src / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME
+    if not weights.is_file():
+        return target
+    if strength == 1:
+        readable(shutil.copy2(weights, target))
+        return target
+    # read once, tensors and metadata, and written scaled: never a half-written file
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata() or {}
+        state = {key: _at_strength(key, f.get_tensor(key), strength) for key in f.keys()}  # noqa: SIM118
+    return _replace_atomically(lambda tmp: save_file(state, str(tmp), metadata=metadata), target)
 
 
 #: how an adapter's up (B) weights are named: peft's, diffusers' files', kohya's
