@@ -413,6 +413,10 @@ SAMPLING: dict[str, dict] = {
     "kto-replay-b5000-e3-s1.5": {"strength": 1.5},
     "kto-replay-b5000-e3-s2": {"strength": 2.0},
     "kto-replay-b5000-e3-ens3-s1.25": {"strength": 1.25},
+    # a fourth epoch at 1.25 (at strength 1 it had lifted detail and top-left): the two
+    # push the same way, and together too far (paired -0.094 ± 0.022 over 9 runs on seeds 0-1,
+    # roundness -0.17, detail seed 0 0.83 against 0.97; stopped)
+    "kto-replay-b5000-e4-s1.25": {"strength": 1.25},
 }
 for _name in SAMPLING:
     VARIANTS[_name] = VARIANTS[_name.rsplit("-s", 1)[0]]
@@ -982,6 +986,34 @@ def by_prompt(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def churn(results: list[dict]) -> str:
+    """The runs picking by each taste, from each round to the next: the share of the
+    evaluation pairs that changed side (won after one round, lost after the next, or the other
+    way), mean over runs. A win rate that holds while many pairs change side is the taste
+    learned on some images and unlearned on others: the model's samples churn."""
+    runs_ = [r for r in results if r["objective"] in TASTES and len(r.get("eval_scores", [])) > 2]
+    if not runs_:
+        return "(no runs with two rounds or more)"
+    rounds = min(len(r["eval_scores"]) for r in runs_) - 1
+    steps = [f"{i}→{i + 1}" for i in range(1, rounds)]
+    lines = [
+        "| taste | runs | " + " | ".join(f"changed side, rounds {s}" for s in steps) + " |",
+        "|---|---|" + "---|" * len(steps),
+    ]
+    for taste in TASTES:
+        own = [r for r in runs_ if r["objective"] == taste]
+        if not own:
+            continue
+        shares = []
+        for r in own:
+            base = np.asarray(r["eval_scores"][0][taste])
+            won = [np.asarray(r["eval_scores"][i][taste]) > base for i in range(1, rounds + 1)]
+            shares.append([float((a != b).mean()) for a, b in zip(won[:-1], won[1:], strict=True)])
+        means = np.mean(shares, axis=0)
+        lines.append(f"| {taste} | {len(own)} | " + " | ".join(f"{m:.2f}" for m in means) + " |")
+    return "\n".join(lines)
+
+
 def ceilings(results: list[dict]) -> str:
     """Last round, the runs picking by each taste: how much of the win rate the base's best
     samples leave to win. A pair whose base image already scores near the most any tuned
@@ -1040,6 +1072,8 @@ def report(results: list[dict], plot_path: Path) -> None:
     print(by_prompt(runs_shown))
     print()
     print(ceilings(runs_shown))
+    print()
+    print(churn(runs_shown))
     print()
     print(timing(runs_shown))
     plot(default, plot_path)

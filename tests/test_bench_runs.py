@@ -127,8 +127,9 @@ def test_the_stored_benchmark_runs_are_what_their_specs_ask_of_todays_engine():
     benches += [(unseen_tastes.specs(6, 3), "tastes-unseen")]  # the tastes the defaults never saw
     # the defaults now (strength 1.25) and the round settings at strength 1, on one machine
     benches += [(tastes.specs(12, 3, tastes.OPEN_PROMPTS), "tastes-open-strength")]
-    benches += [(unseen_tastes.specs(3, 3), "tastes-unseen-strength")]
+    benches += [(unseen_tastes.specs(6, 3), "tastes-unseen-strength")]
     benches += [(tastes.specs(3, 3, tastes.OPEN_PROMPTS), "tastes-open-ensemble")]
+    benches += [(tastes.specs(6, 5, tastes.OPEN_PROMPTS), "tastes-open-5rounds")]  # 40 picks
     for specs, out in benches:
         for s in specs:
             path = REPO / "bench" / "results" / out / f"{s['id']}.json"
@@ -223,6 +224,23 @@ def test_the_ceiling_table_splits_the_win_rate_at_the_bases_top_tenth():
     # the rest 15 of 18; all 15 of 20; if the rest all won: 18 of 20
     assert cells[1:] == ["0.171", "0.19", "0.00", "0.83", "0.75", "0.90"]
     assert len(tastes.ceilings([run]).splitlines()) == 3  # the other tastes had no runs
+
+
+def test_the_churn_table_counts_the_pairs_that_change_side_between_rounds():
+    """churn: a pair won after round 1 and lost after round 2 (or the other way) counts, a pair
+    that stays won or stays lost does not, whatever the win rate does."""
+    import tastes
+
+    base = [0.0, 0.0, 0.0, 0.0]
+    rounds = [[1, 1, -1, -1], [1, -1, 1, -1], [1, -1, 1, -1]]  # 2 of 4 change side, then none
+    scores = [{name: base for name in tastes.TASTES}]
+    scores += [{name: base for name in tastes.TASTES} | {"detail": r} for r in rounds]
+    run = {"objective": "detail", "eval_scores": scores}
+    table = tastes.churn([run, {**run}]).splitlines()
+    assert table[0].count("changed side") == 2
+    assert table[2] == "| detail | 2 | 0.50 | 0.00 |"
+    assert len(table) == 3  # the other tastes had no runs
+    assert "no runs" in tastes.churn([{**run, "eval_scores": scores[:2]}])
 
 
 def test_a_run_labels_grids_of_the_prompts_its_spec_names():
