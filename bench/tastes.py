@@ -397,6 +397,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # learned it (top-left 0.86 on the H200), texture left where it lost it (detail 0.65).
     # Two seeds on the CPU: top-left +0.09, detail -0.12, mean 0.78 against 0.82; stopped
     "kto-replay-b5000-e3-deep": ("kto", {**_KTO_5000, "epochs": 3, "lora": _DEEP_CONV_LORA}),
+    # preservation a third as strong as keep0.03's, at the sampling strength that learned more:
+    # does holding the unlabeled images' layouts cut the churn of placements a round causes
+    # without cutting the learning as 0.03 did?
+    "kto-replay-b5000-e3-keep0.01": ("kto", {**_KTO_5000, "epochs": 3, "preserve": 0.01}),
     "kto-replay-b5000-e3-dora-r8": (
         "kto",
         {**_KTO_5000, "epochs": 3, "lora": {"dora": True, "rank": 8, "alpha": 8.0}},
@@ -417,6 +421,7 @@ SAMPLING: dict[str, dict] = {
     # push the same way, and together too far (paired -0.094 ± 0.022 over 9 runs on seeds 0-1,
     # roundness -0.17, detail seed 0 0.83 against 0.97; stopped)
     "kto-replay-b5000-e4-s1.25": {"strength": 1.25},
+    "kto-replay-b5000-e3-keep0.01-s1.25": {"strength": 1.25},
 }
 for _name in SAMPLING:
     VARIANTS[_name] = VARIANTS[_name.rsplit("-s", 1)[0]]
