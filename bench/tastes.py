@@ -399,7 +399,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "kto-replay-b5000-e3-deep": ("kto", {**_KTO_5000, "epochs": 3, "lora": _DEEP_CONV_LORA}),
     # preservation a third as strong as keep0.03's, at the sampling strength that learned more:
     # does holding the unlabeled images' layouts cut the churn of placements a round causes
-    # without cutting the learning as 0.03 did?
+    # without cutting the learning as 0.03 did? No: at 1.25 seed 0 lost every taste it reached
+    # (paired -0.22 ± 0.06 over 4 runs: roundness 0.59 against 1.00, top-left 0.59 against
+    # 0.80); stopped
     "kto-replay-b5000-e3-keep0.01": ("kto", {**_KTO_5000, "epochs": 3, "preserve": 0.01}),
     "kto-replay-b5000-e3-dora-r8": (
         "kto",
