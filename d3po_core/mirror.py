@@ -231,6 +231,13 @@ def run_members(
         metrics["mirror_accuracy"] = others[0].metrics.get("accuracy")
     else:
         metrics["ensemble_losses"] = [r.metrics["loss"] for r in results]
+        # the round's figures (its loss, accuracy, KL: what the KL warning reads) are the
+        # members' mean, not the first member's; memory is the most any member took
+        for key, value in first.metrics.items():
+            if key == "peak_memory_mb":
+                metrics[key] = max(r.metrics[key] for r in results)
+            elif key != "seconds" and isinstance(value, float):
+                metrics[key] = sum(r.metrics[key] for r in results) / k
     return RoundResult(metrics=metrics, history=first.history), twins, settings
 
 

@@ -175,6 +175,10 @@ def test_an_ensemble_round_samples_the_mean_of_its_members(pipe, tmp_path):
         events = []
         first, metrics = train_round(pipe, session, _ensemble(), on_progress=events.append)
         assert len(metrics["ensemble_losses"]) == 2 and metrics["seconds"] > 0
+        # the round's loss is the members' mean, and so are its other figures (the KL warning's)
+        assert metrics["loss"] == pytest.approx(sum(metrics["ensemble_losses"]) / 2)
+        assert metrics["ensemble_losses"][0] != metrics["ensemble_losses"][1]
+        assert session.rounds_df().iloc[-1]["metric_kl"] == pytest.approx(metrics["kl"])
         assert lora_settings_of(pipe.unet).rank == 2 * LoraSettings().rank
         steps = [e.step for e in events if e.phase == "train"]  # one bar over both members
         assert steps == sorted(steps) and steps[-1] == events[-1].total
