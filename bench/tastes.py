@@ -403,6 +403,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # (paired -0.22 ± 0.06 over 4 runs: roundness 0.59 against 1.00, top-left 0.59 against
     # 0.80); stopped
     "kto-replay-b5000-e3-keep0.01": ("kto", {**_KTO_5000, "epochs": 3, "preserve": 0.01}),
+    # every earlier pick replayed, each on its share of the noise draws (the same UNet rows as
+    # a random draw of as many earlier picks as new ones): no pick left out of a round by chance
+    "kto-replay-b5000-e3-spread": ("kto", {**_KTO_5000, "epochs": 3, "replay_spread": True}),
     "kto-replay-b5000-e3-dora-r8": (
         "kto",
         {**_KTO_5000, "epochs": 3, "lora": {"dora": True, "rank": 8, "alpha": 8.0}},
@@ -424,6 +427,7 @@ SAMPLING: dict[str, dict] = {
     # roundness -0.17, detail seed 0 0.83 against 0.97; stopped)
     "kto-replay-b5000-e4-s1.25": {"strength": 1.25},
     "kto-replay-b5000-e3-keep0.01-s1.25": {"strength": 1.25},
+    "kto-replay-b5000-e3-spread-s1.25": {"strength": 1.25},
 }
 for _name in SAMPLING:
     VARIANTS[_name] = VARIANTS[_name.rsplit("-s", 1)[0]]

@@ -197,6 +197,12 @@ class DiffusionKTOConfig(PickSettings):
         help="Noise levels (t, ε) drawn for each labeled image in a round (20: the UNet calls "
         "of Diffusion-DPO's defaults, 40 a pick).",
     )
+    replay_spread: bool = setting(
+        False,
+        help="With replay, train on every earlier pick instead of a random draw of as many as "
+        "the new ones, each earlier pick on a share of the noise draws so that together they "
+        "cost what replay's draw does: no pick is left out of a round by chance.",
+    )
     undesirable_weight: float = setting(
         1.0,
         low=0,

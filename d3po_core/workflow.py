@@ -119,25 +119,42 @@ def unlabeled_grids(session: Session) -> list[int]:
 
 
 def load_examples(
-    session: Session, *, replay: bool = False, seed: int = 0, damaged: list[str] | None = None
+    session: Session,
+    *,
+    replay: bool = False,
+    spread: bool = False,
+    seed: int = 0,
+    damaged: list[str] | None = None,
 ) -> tuple[list[Example], list[Example], int]:
     """The picks to train on as Examples, those among them no round has trained on yet (the
     new picks), and the newest pick id. With ``replay``, as many earlier picks as new ones
-    (all if fewer), drawn at random by ``seed`` and the round's number, join the new ones.
-    Picks on a grid whose trajectory is damaged are left out, a line each in ``damaged``."""
+    (all if fewer), drawn at random by ``seed`` and the round's number, join the new ones;
+    with ``spread`` too, every earlier pick joins, each with that many's share of the noise
+    draws (``Example.share``). Picks on a grid whose trajectory is damaged are left out, a
+    line each in ``damaged``."""
     picks = session.training_picks(since_last_round=True)
     if not picks:
         raise NoPicksError("no new picks to train on: label some grids (best and worst) first")
     new_ids = {p["pick_id"] for p in picks}
+    share = 1.0
     if replay:
         earlier = [p for p in session.training_picks(since_last_round=False)]
         earlier = [p for p in earlier if p["pick_id"] not in new_ids]
-        rng = random.Random(f"{seed}-{session.last_round() or 0}")
-        kept = rng.sample(earlier, min(len(earlier), len(picks)))
+        if spread:
+            kept, share = earlier, min(1.0, len(picks) / max(1, len(earlier)))
+        else:
+            rng = random.Random(f"{seed}-{session.last_round() or 0}")
+            kept = rng.sample(earlier, min(len(earlier), len(picks)))
         picks = sorted(kept, key=lambda p: p["pick_id"]) + picks
     trajectories = readable_trajectories(session, [p["grid_id"] for p in picks], damaged)
     examples = [
-        Example(trajectories[p["grid_id"]], p["best"], p["worst"], p["pick_id"])
+        Example(
+            trajectories[p["grid_id"]],
+            p["best"],
+            p["worst"],
+            p["pick_id"],
+            share=1.0 if p["pick_id"] in new_ids else share,
+        )
         for p in picks
         if p["grid_id"] in trajectories
     ]
@@ -215,7 +232,11 @@ def _train_round(pipe, session, config, rewarded, on_progress, should_cancel, ac
     damaged: list[str] = []
     if method.inputs == "picks":
         examples, new, last_pick_id = load_examples(
-            session, replay=getattr(config, "replay", False), seed=config.seed, damaged=damaged
+            session,
+            replay=getattr(config, "replay", False),
+            spread=getattr(config, "replay_spread", False),
+            seed=config.seed,
+            damaged=damaged,
         )
         extra.update(heldout_agreement(pipe, session, new))
     else:

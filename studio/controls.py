@@ -69,6 +69,8 @@ _KTO_HIDDEN = {
     "preserve": "a benchmark option: prior preservation on the unlabeled images of each grid, "
     "measured against the drift of random picks (docs/benchmarks.md §5)",
     "preserve_from": "a benchmark option: the noise levels prior preservation applies at",
+    "replay_spread": "a benchmark option: every earlier pick replayed, each on a share of the "
+    "noise draws, instead of a random draw of them",
 }
 _PREFERENCE_HIDDEN = {
     **_LOOP_HIDDEN,

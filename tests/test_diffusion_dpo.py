@@ -19,7 +19,7 @@ from d3po_core.objectives.implicit import image_rewards
 from d3po_core.rounds import Batch, make_batches, run_round
 from d3po_core.sampling import guided_model_output, sample_grid
 from d3po_core.session import Session
-from d3po_core.workflow import train_round
+from d3po_core.workflow import generate, load_examples, train_round
 
 from .conftest import FAST, circle_picks
 
@@ -341,3 +341,31 @@ def test_kto_preserve_holds_the_unlabeled_images_to_the_base(pipe, tmp_path):
     assert torch.equal(upper["preservation"] > 0, high)
     assert torch.allclose(upper["preservation"][high], terms["preservation"][high], rtol=1e-4)
     assert torch.allclose(upper["loss"], plain + upper["preservation"], rtol=1e-4)
+
+
+def test_kto_replay_spread_trains_every_earlier_pick_at_replay_s_cost(pipe, tmp_path):
+    """Replay draws as many earlier picks as new ones; spread replays every earlier pick,
+    each on its share of the noise draws, so a round has the same items and leaves none out."""
+    remove_lora(pipe.unet)
+    with Session.open(tmp_path / "s") as session:
+        first = circle_picks(pipe, session)  # 4 picks
+        train_round(pipe, session, DiffusionKTOConfig(epochs=1, batch_size=8, noise_draws=1))
+        for seed in (20, 24):
+            grid_id, _ = generate(pipe, session, "a square", FAST, seed=seed)
+            session.add_pick(grid_id, best=1, worst=2)
+        drawn, new, _ = load_examples(session, replay=True, seed=0)
+        spread, new_too, _ = load_examples(session, replay=True, spread=True, seed=0)
+    remove_lora(pipe.unet)
+    earlier = {ex.pick_id for ex in first}
+    assert [ex.pick_id for ex in new] == [ex.pick_id for ex in new_too] and len(new) == 2
+    assert len(drawn) == 4 and len(earlier & {ex.pick_id for ex in drawn}) == 2
+    assert {ex.pick_id for ex in spread} == earlier | {ex.pick_id for ex in new}
+    assert [ex.share for ex in spread] == [0.5] * 4 + [1.0] * 2
+    config = DiffusionKTOConfig(noise_draws=16)
+    items = {
+        name: KTOObjective(exs, config).items()
+        for name, exs in (("drawn", drawn), ("spread", spread))
+    }
+    assert len(items["spread"]) == len(items["drawn"]) == 4 * 2 * 16
+    per_pick = [sum(item[0] == e for item in items["spread"]) for e in range(6)]
+    assert per_pick == [16] * 4 + [32] * 2  # best and worst: 8 draws an earlier pick, 16 a new

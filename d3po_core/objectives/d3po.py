@@ -128,6 +128,9 @@ class Example:
     best: int
     worst: int
     pick_id: int | None = None
+    #: the share of a round's noise draws this pick gets (an objective on fresh noise levels;
+    #: replayed picks spread over every earlier one get less than 1)
+    share: float = 1.0
 
 
 def pick_pairs(examples: list[Example], mode: PairMode) -> list[tuple[int, int, int]]:

@@ -198,11 +198,8 @@ class KTOObjective(DiffusionDPOObjective):
             for e, ex in enumerate(self.examples)
             for image, sign in ((ex.best, 1), (ex.worst, -1))
         )
-        return [
-            (e, image, image, d, sign)
-            for e, image, sign in labeled
-            for d in range(self.config.noise_draws)
-        ]
+        draws = [max(1, round(self.config.noise_draws * ex.share)) for ex in self.examples]
+        return [(e, image, image, d, sign) for e, image, sign in labeled for d in range(draws[e])]
 
     @property
     def _grid(self) -> bool:
