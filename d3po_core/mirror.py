@@ -229,6 +229,11 @@ def run_members(
     if kind == "mirror":
         metrics["mirror_loss"] = others[0].metrics["loss"]
         metrics["mirror_accuracy"] = others[0].metrics.get("accuracy")
+        # the loss and accuracy are the twin's on the picks as made; how far the round moved
+        # from the reference (what the KL warning reads) is both twins' mean, each its own
+        if "kl" in first.metrics:
+            metrics["mirror_kl"] = others[0].metrics["kl"]
+            metrics["kl"] = (first.metrics["kl"] + others[0].metrics["kl"]) / 2
     else:
         metrics["ensemble_losses"] = [r.metrics["loss"] for r in results]
         # the round's figures (its loss, accuracy, KL: what the KL warning reads) are the

@@ -67,6 +67,11 @@ def test_a_mirrored_round_learns_the_picks_and_continues_its_twins(pipe, tmp_pat
         config = DiffusionDPOConfig(mirror=True, epochs=4, noise_draws=8, learning_rate=1e-2)
         first, metrics = train_round(pipe, session, config)
         assert metrics["mirror_loss"] > 0 and metrics["seconds"] > 0
+        # the KL the warning reads is both twins' mean, the minus twin's kept beside it
+        assert metrics["mirror_kl"] > 0 and metrics["kl"] != metrics["mirror_kl"]
+        stored = session.rounds_df().iloc[-1]
+        assert stored["metric_kl"] == pytest.approx(metrics["kl"])
+        assert stored["metric_mirror_kl"] == pytest.approx(metrics["mirror_kl"])
         rewards = image_rewards(pipe, new)
         assert (rewards[:, 0] > rewards[:, 1]).all()  # each best above its worst
 
