@@ -404,7 +404,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # 0.80); stopped
     "kto-replay-b5000-e3-keep0.01": ("kto", {**_KTO_5000, "epochs": 3, "preserve": 0.01}),
     # every earlier pick replayed, each on its share of the noise draws (the same UNet rows as
-    # a random draw of as many earlier picks as new ones): no pick left out of a round by chance
+    # a random draw of as many earlier picks as new ones): no pick left out of a round by
+    # chance. At 1.25 it lost (paired -0.068 ± 0.024 over 8 runs on seeds 0-1, top-left 0.63
+    # against 0.80 on seed 0; rounds 1-2 repeat the defaults', so all of it is round 3); stopped
     "kto-replay-b5000-e3-spread": ("kto", {**_KTO_5000, "epochs": 3, "replay_spread": True}),
     "kto-replay-b5000-e3-dora-r8": (
         "kto",

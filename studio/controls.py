@@ -70,7 +70,7 @@ _KTO_HIDDEN = {
     "measured against the drift of random picks (docs/benchmarks.md §5)",
     "preserve_from": "a benchmark option: the noise levels prior preservation applies at",
     "replay_spread": "a benchmark option: every earlier pick replayed, each on a share of the "
-    "noise draws, instead of a random draw of them",
+    "noise draws, instead of a random draw of them; it learned less (docs/benchmarks.md §5)",
 }
 _PREFERENCE_HIDDEN = {
     **_LOOP_HIDDEN,
