@@ -408,6 +408,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # chance. At 1.25 it lost (paired -0.068 ± 0.024 over 8 runs on seeds 0-1, top-left 0.63
     # against 0.80 on seed 0; rounds 1-2 repeat the defaults', so all of it is round 3); stopped
     "kto-replay-b5000-e3-spread": ("kto", {**_KTO_5000, "epochs": 3, "replay_spread": True}),
+    # each round's noise draws and batch order its own (the train seed plus the round's
+    # number): a replayed pick is otherwise trained on the same (t, ε) draws each round
+    "kto-replay-b5000-e3-fresh": ("kto", {**_KTO_5000, "epochs": 3, "fresh_draws": True}),
     "kto-replay-b5000-e3-dora-r8": (
         "kto",
         {**_KTO_5000, "epochs": 3, "lora": {"dora": True, "rank": 8, "alpha": 8.0}},
@@ -430,6 +433,7 @@ SAMPLING: dict[str, dict] = {
     "kto-replay-b5000-e4-s1.25": {"strength": 1.25},
     "kto-replay-b5000-e3-keep0.01-s1.25": {"strength": 1.25},
     "kto-replay-b5000-e3-spread-s1.25": {"strength": 1.25},
+    "kto-replay-b5000-e3-fresh-s1.25": {"strength": 1.25},
 }
 for _name in SAMPLING:
     VARIANTS[_name] = VARIANTS[_name.rsplit("-s", 1)[0]]

@@ -27,6 +27,12 @@ class PickSettings(RoundSettings):
         help="Also train on as many earlier picks as there are new ones, drawn at random, so "
         "rounds build on each other (a round then costs at most twice its new picks').",
     )
+    fresh_draws: bool = setting(
+        False,
+        help="Draw each round's noise levels, steps and batch order afresh (the round's seed is "
+        "the training seed plus the rounds before it). Off, a pick replayed in a later round "
+        "is trained on the draws it had before, as every round uses the training seed.",
+    )
     mirror: bool = setting(
         False,
         help="Mirrored rounds: train twin adapters, one on the picks and one on the same picks "

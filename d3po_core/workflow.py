@@ -7,6 +7,7 @@ commit its adapter; activate a round (or the base model) in the pipeline.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -253,6 +254,8 @@ def _train_round(pipe, session, config, rewarded, on_progress, should_cancel, ac
         for line in damaged:
             if on_progress is not None:
                 on_progress(ProgressEvent(0, 0, math.nan, math.nan, 0.0, "data", line))
+    if getattr(config, "fresh_draws", False):  # the replayed picks drawn afresh too
+        config = dataclasses.replace(config, seed=config.seed + (session.last_round() or 0))
     progress = {"on_progress": on_progress, "should_cancel": should_cancel}
     twins = None
     members = members_of(config)

@@ -194,3 +194,17 @@ def test_picks_export_parquet_and_jsonl(pipe, session, tmp_path):
     assert rows[0]["prompt"] == "a red circle"
     with pytest.raises(SettingsError, match=".parquet or .jsonl"):
         export_picks(session, tmp_path / "picks.csv")
+
+
+def test_fresh_draws_give_each_round_its_own_seed(pipe, session):
+    """With fresh_draws a round trains on the train seed plus the rounds before it (its noise
+    levels, steps and batch order its own); without, every round on the train seed."""
+    seeds = {}
+    for fresh in (True, False):
+        activate(pipe, session, None)
+        for _ in range(2):
+            _label_two_grids(pipe, session)
+            config = D3POConfig(epochs=1, batch_size=4, seed=5, fresh_draws=fresh)
+            train_round(pipe, session, config)
+        seeds[fresh] = list(session.rounds_df()["setting_seed"].iloc[-2:])
+    assert seeds == {True: [5, 6], False: [5, 5]}
