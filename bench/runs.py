@@ -390,6 +390,12 @@ def main(
     """
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--seeds", type=int, default=seeds)
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="run and report seeds from this one on (fresh seeds no default was chosen on)",
+    )
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--model", default=None, help="default: the embedded model")
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/<folder>")
@@ -445,6 +451,7 @@ def main(
     if prompt_sets:  # each folder's own plot: --out elsewhere leaves the docs' plots alone
         plot = f"{args.out.name}.png"
     args.plot = args.plot or ROOT / "docs" / "img" / plot
+    all_specs = [s for s in all_specs if s["seed"] >= args.first_seed]
     if args.only:
         all_specs = [s for s in all_specs if s["variant"] in args.only.split(",")]
     if args.labelers:
