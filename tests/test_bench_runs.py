@@ -302,7 +302,8 @@ def test_a_folder_of_runs_on_other_prompts_is_refused_and_kept(tmp_path):
 
 def test_a_report_joins_folders_run_by_run_and_prefers_out(tmp_path):
     """--also: a run the results folder lacks comes from the first other folder that holds
-    it, a run in both from --out, and nothing is copied or run."""
+    it, a run in both from --out, and nothing is copied or run; --first-seed leaves the
+    seeds before it out."""
     script = tmp_path / "bench_toy.py"
     script.write_text(
         f"import sys\nsys.path.insert(0, {str(REPO / 'bench')!r})\n"
@@ -327,6 +328,11 @@ def test_a_report_joins_folders_run_by_run_and_prefers_out(tmp_path):
     assert "results [(0, 'out'), (1, 'cpu'), (2, 'gpu')]" in joined.stdout
     alone = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert "results [(0, 'out')]" in alone.stdout
+    # --first-seed: only the seeds from it on (fresh ones, no choice was made on)
+    fresh = subprocess.run(
+        [*cmd, "--also", str(gpu), "--first-seed", "1"], capture_output=True, text=True, timeout=120
+    )
+    assert "results [(1, 'gpu'), (2, 'gpu')]" in fresh.stdout, fresh.stderr
     assert sorted(p.name for p in out.iterdir()) == ["v--o--s0.json"]
 
 
