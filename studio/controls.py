@@ -48,7 +48,7 @@ _LOOP_HIDDEN = {
     "ensemble": "a CLI option (--ensemble K): K adapters on the same picks, each from its own "
     "seed; 3 learned the tastes as 1 did, at 2.3 times a round's training time "
     "(docs/benchmarks.md §5)",
-    "fresh_draws": "a benchmark option: each round's noise levels and batch order drawn "
+    "fresh_draws": "a benchmark option: drawing each round's noise levels and batch order "
     "afresh learned as the default did (docs/benchmarks.md §5)",
     "lora.dora": "a CLI option: DoRA learned the tastes as LoRA did over two machines "
     "(docs/benchmarks.md §5), and a DoRA adapter has no kohya export, which the studio offers",
