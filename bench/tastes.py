@@ -422,8 +422,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 #: variants that sample otherwise than at strength 1 (SampleSettings fields): the adapter's
 #: strength while sampling grids and the evaluation set, each round trained as the defaults'.
 #: 1.25 learned every taste at least as well over 6 seeds (mean 0.83 against 0.79, paired
-#: +0.039 ± 0.020): **the defaults now** (the engine samples at 1.25); 1.5 and 2 lost
-#: roundness (0.73, 0.78 on seed 0; stopped after 2 seeds and 1)
+#: +0.039 ± 0.020): **the defaults now** (the engine samples at 1.25); on seeds 6-11, which
+#: it was not chosen on, level (+0.005 ± 0.021), so over 12 seeds +0.022 ± 0.014; 1.5 and 2
+#: lost roundness (0.73, 0.78 on seed 0; stopped after 2 seeds and 1)
 SAMPLING: dict[str, dict] = {
     "kto-replay-b5000-e3-s1.25": {"strength": 1.25},
     "kto-replay-b5000-e3-s1.5": {"strength": 1.5},

@@ -280,7 +280,8 @@ class SampleSettings(Settings):
         aliases=("--adapter-strength",),
         help="The tuned adapter's weight while sampling: 0 draws as the base model, 1 as "
         "trained, above 1 further the way the picks asked (1.25 learned the benchmark's "
-        "tastes best). The studio exports the adapter at this strength.",
+        "tastes a little better than 1 over 12 seeds, level on the 6 it was not chosen on). "
+        "The studio exports the adapter at this strength.",
     )
     height: int | None = setting(
         None, low=8, high=4096, help="Image height in pixels; none: the model's size."
