@@ -128,8 +128,8 @@ class Example:
     best: int
     worst: int
     pick_id: int | None = None
-    #: the share of a round's noise draws this pick gets (an objective on fresh noise levels;
-    #: replayed picks spread over every earlier one get less than 1)
+    #: the share of a round's noise draws this pick gets (read by KTO's items: with
+    #: ``replay_spread`` each replayed pick gets less than 1; other objectives ignore it)
     share: float = 1.0
 
 
